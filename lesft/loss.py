@@ -1,0 +1,201 @@
+"""The dual-path token-weighted loss of LESFT (paper sec. 3.4, eq. 16-17, Algorithm 2)
+and the plain SFT loss of the baselines. Vectorised; no per-token Python loop.
+
+Shapes: ``B`` rows, ``T`` target tokens per row (padded; ``mask`` marks real ones),
+``D`` the dimension of the token vectors used for sub-salient clustering.
+
+Token weights are constants (stop-gradient): the reference path only decides how much
+each base-path token counts, so no gradient ever flows into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lesft.config import LossConfig
+
+IRRELEVANT, SUBSALIENT, SALIENT = 0, 1, 2
+
+
+def classify_tokens(ref_probs: torch.Tensor, vectors: torch.Tensor, mask: torch.Tensor,
+                    p_sal: float = 0.95, sim_threshold: float = 0.5) -> torch.Tensor:
+    """Token classes ``LongTensor[B, T]``: 2 salient, 1 sub-salient, 0 irrelevant (and masked-out).
+
+    Salient: ``ref_probs > p_sal``. Sub-salient: not salient, and cosine similarity
+    ``>= sim_threshold`` to the vector of at least one salient token of the same row.
+    ``vectors`` ``[B, T, D]`` are used as given (centre them first if wanted).
+    """
+    mask = mask.bool()
+    salient = (ref_probs > p_sal) & mask
+    unit = F.normalize(vectors if vectors.dtype in (torch.float32, torch.float64) else vectors.float(), dim=-1)
+    sim = unit @ unit.transpose(1, 2)  # [B, T, T]
+    best = sim.masked_fill(~salient[:, None, :], float("-inf")).amax(dim=-1)  # best match to a salient token
+    sub = ~salient & mask & (best >= sim_threshold)
+    return salient.long() * SALIENT + sub.long() * SUBSALIENT
+
+
+def token_weights(ref_probs: torch.Tensor, classes: torch.Tensor, p_sal: float = 0.95,
+                  gammas: tuple[float, float, float] = (5.0, 0.3, 0.6)) -> torch.Tensor:
+    """Eq. 16: the scaling weight of every token ``[B, T]`` from the reference probability."""
+    g1, g2, g3 = gammas
+    p = ref_probs.detach()
+    salient = 1.0 + ((p - p_sal) / (1.0 - p_sal)).clamp(min=0.0) ** g1
+    ratio = (p / p_sal).clamp(min=0.0)
+    return torch.where(classes == SALIENT, salient, torch.where(classes == SUBSALIENT, ratio ** g2, ratio ** g3))
+
+
+def row_losses(token_logprobs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
+               norm: str = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 17 per row: ``(losses [B], has_tokens [B])``; rows without tokens give 0.
+
+    ``norm="tokens"`` divides by the row's token count (the paper); ``"weights"`` by the
+    sum of its weights.
+    """
+    m = mask.to(token_logprobs.dtype)
+    w = weights.detach().to(token_logprobs.dtype) * m
+    total = -(w * token_logprobs).sum(dim=-1)
+    denom = m.sum(dim=-1) if norm == "tokens" else w.sum(dim=-1)
+    has = mask.bool().any(dim=-1)
+    return total / denom.clamp(min=torch.finfo(denom.dtype).tiny), has
+
+
+def weighted_nll(token_logprobs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 17: per-row mean over its masked-in tokens, then the mean over rows with a token."""
+    rows, has = row_losses(token_logprobs, weights, mask)
+    if not has.any():
+        return (token_logprobs * 0.0).sum()
+    return rows[has].mean()
+
+
+def center(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Subtract each row's mean vector over its masked-in tokens ``[B, T, D]``."""
+    m = mask.to(vectors.dtype).unsqueeze(-1)
+    mean = (vectors * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return (vectors - mean) * m
+
+
+@dataclass
+class TokenLoss:
+    """Per-row losses (``rows[B]`` with grad, ``valid[B]``) and what the round logs."""
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+    classes: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The batch loss: mean of the rows that have target tokens."""
+        if not self.valid.any():
+            return (self.rows * 0.0).sum()
+        return self.rows[self.valid].mean()
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Sum over valid rows: what gets backpropagated and divided once per optimiser step."""
+        return (self.rows * self.valid.to(self.rows.dtype)).sum()
+
+
+def _stats(logprobs: torch.Tensor, mask: torch.Tensor, classes: torch.Tensor | None,
+           weights: torch.Tensor | None) -> dict:
+    m = mask.bool()
+    n = int(m.sum())
+    out = {"tokens": n, "nll": float(-(logprobs.detach() * m).sum() / max(n, 1))}
+    if classes is not None and n:
+        for name, c in (("salient", SALIENT), ("subsalient", SUBSALIENT), ("irrelevant", IRRELEVANT)):
+            out[f"frac_{name}"] = float(((classes == c) & m).sum()) / n
+        out["weight_mean"] = float(weights.detach()[m].mean())
+    return out
+
+
+def sft_token_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> TokenLoss:
+    """Plain SFT: eq. 17 with every weight 1 (mean token NLL per row)."""
+    rows, valid = row_losses(logprobs, torch.ones_like(logprobs), mask)
+    return TokenLoss(rows, valid, stats=_stats(logprobs, mask, None, None))
+
+
+def lesft_token_loss(logprobs: torch.Tensor, ref_probs: torch.Tensor, ref_vectors: torch.Tensor,
+                     mask: torch.Tensor, cfg: LossConfig = LossConfig()) -> TokenLoss:
+    """LESFT on aligned targets: ``logprobs [B, T]`` of the trained path (with grad),
+    ``ref_probs [B, T]`` and ``ref_vectors [B, T, D]`` of the weighting path (no grad)."""
+    with torch.no_grad():
+        vectors = ref_vectors if ref_vectors.dtype == torch.float64 else ref_vectors.float()
+        vectors = center(vectors, mask) if cfg.sim_vectors == "centered" else vectors
+        classes = classify_tokens(ref_probs, vectors, mask, cfg.p_sal, cfg.sim_threshold)
+        weights = token_weights(ref_probs, classes, cfg.p_sal, cfg.gammas)
+    rows, valid = row_losses(logprobs, weights, mask, cfg.lesft_norm)
+    if cfg.lesft_nll_mix:
+        rows = rows + cfg.lesft_nll_mix * row_losses(logprobs, torch.ones_like(logprobs), mask)[0]
+    return TokenLoss(rows, valid, classes, weights, _stats(logprobs, mask, classes, weights))
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def target_index(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align target tokens by label order: ``(positions, ids, mask)``, each ``[B, Tmax]``.
+
+    ``labels [B, L]`` holds the target id at each target position and ``ignore_index``
+    elsewhere (the Hugging Face convention). ``positions`` is the index of the logit
+    that predicts each target (its position - 1); the j-th target of a row sits at
+    column j whatever its absolute position, so two paths with prompts of different
+    lengths line up.
+    """
+    is_target = labels != ignore_index
+    rank = is_target.long().cumsum(dim=-1) - 1  # j for the j-th target of the row
+    counts = is_target.sum(dim=-1)
+    t_max = max(int(counts.max()) if counts.numel() else 0, 1)
+    b, pos = is_target.nonzero(as_tuple=True)
+    positions = torch.zeros(labels.shape[0], t_max, dtype=torch.long, device=labels.device)
+    ids = torch.zeros_like(positions)
+    positions[b, rank[b, pos]] = pos - 1
+    ids[b, rank[b, pos]] = labels[b, pos]
+    mask = torch.arange(t_max, device=labels.device)[None, :] < counts[:, None]
+    if (positions[mask] < 0).any():
+        raise ValueError("a label sits at position 0: there is no logit that predicts it")
+    return positions, ids, mask
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x[b, positions[b, j]]`` for ``x [B, L, ...]`` and ``positions [B, T]``."""
+    idx = positions.clamp(min=0)
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def target_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[ids]`` for logits ``[B, T, V]`` already at the target positions."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+def lesft_loss(base_logits: torch.Tensor, ref_logits: torch.Tensor, base_labels: torch.Tensor,
+               ref_labels: torch.Tensor, ref_hidden: torch.Tensor | None = None,
+               cfg: LossConfig = LossConfig(), lm_head: torch.Tensor | None = None) -> TokenLoss:
+    """The whole LESFT loss from full-sequence logits of both paths.
+
+    ``base_logits [B, L1, V]`` (with grad), ``ref_logits [B, L2, V]``, HF-style labels of
+    each path (same target tokens, at different offsets), optional ``ref_hidden
+    [B, L2, D]`` (final hidden states of the reference path) for sub-salient clustering;
+    with ``cfg.sim_vectors == "lm_head"`` pass the head matrix ``[V, D]`` instead.
+    """
+    b_pos, b_ids, b_mask = target_index(base_labels)
+    r_pos, r_ids, r_mask = target_index(ref_labels)
+    if b_ids.shape != r_ids.shape or not torch.equal(b_ids * b_mask, r_ids * r_mask):
+        raise ValueError("base and reference labels do not hold the same target tokens")
+    logprobs = target_logprobs(gather_positions(base_logits, b_pos), b_ids)
+    with torch.no_grad():
+        ref_probs = target_logprobs(gather_positions(ref_logits.detach(), r_pos), r_ids).exp()
+        if cfg.sim_vectors == "lm_head":
+            if lm_head is None:
+                raise ValueError("sim_vectors='lm_head' needs the lm_head matrix")
+            vectors = lm_head.detach()[r_ids]
+        elif ref_hidden is not None:
+            vectors = gather_positions(ref_hidden.detach(), r_pos)
+        else:
+            raise ValueError("pass ref_hidden (final hidden states of the reference path)")
+    return lesft_token_loss(logprobs, ref_probs, vectors, b_mask, cfg)

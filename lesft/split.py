@@ -1,0 +1,188 @@
+"""The exact model split of the paper (sec. 3.1): client = embedding + first k decoder
+layers; server = the remaining layers + final norm + LM head.
+
+Each side is built on the meta device and then filled with only its own tensors from the
+:class:`~lesft.models.ModelSource`, so a client never holds the server's weights and vice
+versa. Both sides derive ``position_ids`` from the same ``attention_mask``, which makes
+``server(client(x))`` reproduce the full model's logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lesft.models import ModelError, ModelSource
+
+_LAYER = re.compile(r"^(model\.)?layers\.(\d+)\.(.*)$")
+
+
+def split_point(n_layers: int, ratio: float) -> int:
+    """Client layer count ``k = round(L * ratio)``, with at least one layer on each side."""
+    if not 0.0 < ratio < 1.0:
+        raise ModelError(f"split ratio {ratio} is not in (0, 1): use e.g. --split-ratio 0.25.")
+    if n_layers < 2:
+        raise ModelError(f"a model with {n_layers} decoder layer(s) cannot be split: it needs at least 2.")
+    return min(max(int(round(n_layers * ratio)), 1), n_layers - 1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens, so left or right padding gives the same numbers."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _part_config(config, layers: range, *, tie: bool):
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        cfg.layer_types = [config.layer_types[i] for i in layers]
+    if hasattr(cfg, "max_window_layers") and cfg.max_window_layers is not None:
+        cfg.max_window_layers = max(0, min(cfg.max_window_layers - layers.start, len(layers)))
+    cfg.tie_word_embeddings = tie
+    cfg.use_cache = False
+    return cfg
+
+
+def _materialize(module: nn.Module, config, to_full: Callable[[str], str], source: ModelSource,
+                 dtype: torch.dtype) -> None:
+    """Fill a meta-device module with tensors from the source, by full name; freeze it."""
+    state = {}
+    for local, meta in module.state_dict(keep_vars=True).items():
+        state[local] = source.weights.get(to_full(local), tuple(meta.shape), dtype)
+    module.load_state_dict(state, assign=True, strict=True)
+    body = getattr(module, "model", module)
+    if hasattr(body, "rotary_emb"):  # non-persistent buffers are not in the state dict
+        body.rotary_emb = type(body.rotary_emb)(config=config)
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            raise ModelError(f"{name} was not loaded for {source.spec}: this layout is not supported.")
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class _NoEmbedding(nn.Module):
+    """Stands in for the server's embedding: the server only ever sees activations."""
+
+    def forward(self, input_ids):  # pragma: no cover - a programming error, not a user one
+        raise RuntimeError("the server half has no embedding: pass inputs_embeds (client activations)")
+
+
+class ClientModel(nn.Module):
+    """Embedding + layers[:k]; ``forward`` returns the cut-layer activations ``[B, T, H]``."""
+
+    side = "client"
+
+    def __init__(self, source: ModelSource, k: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.k, self.n_layers = k, source.n_layers
+        self.config = _part_config(source.config, range(0, k), tie=False)
+        with torch.device("meta"):
+            body = AutoModel.from_config(self.config)
+        body.norm = nn.Identity()  # the final norm belongs to the server
+        _materialize(body, self.config, lambda n: f"model.{n}", source, dtype)
+        self.body = body
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def global_layer(self, local: int) -> int:
+        return local
+
+
+class ServerModel(nn.Module):
+    """layers[k:] + final norm + LM head, fed the client's activations."""
+
+    side = "server"
+
+    def __init__(self, source: ModelSource, k: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.k, self.n_layers = k, source.n_layers
+        self.config = _part_config(source.config, range(k, source.n_layers), tie=False)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(self.config)
+        lm.model.embed_tokens = _NoEmbedding()
+
+        def to_full(name: str) -> str:
+            m = _LAYER.match(name)
+            return f"model.layers.{int(m.group(2)) + k}.{m.group(3)}" if m else name
+
+        _materialize(lm, self.config, to_full, source, dtype)
+        self.lm = lm
+
+    def hidden(self, acts: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (after the last norm) ``[B, T, H]`` for activations ``[B, T, H]``."""
+        out = self.lm.model(inputs_embeds=acts, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden)
+
+    def forward(self, acts: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` at every position."""
+        return self.head(self.hidden(acts, attention_mask))
+
+    def global_layer(self, local: int) -> int:
+        return local + self.k
+
+
+class FullModel(nn.Module):
+    """The whole causal LM (centralized and FedAvg baselines, evaluation)."""
+
+    side = "full"
+
+    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.k, self.n_layers = 0, source.n_layers
+        self.config = copy.deepcopy(source.config)
+        self.config.use_cache = False
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(self.config)
+        _materialize(lm, self.config, lambda n: n, source, dtype)
+        if getattr(self.config, "tie_word_embeddings", False):
+            lm.lm_head.weight = lm.model.embed_tokens.weight
+        self.lm = lm
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(input_ids, attention_mask))
+
+    def global_layer(self, local: int) -> int:
+        return local
+
+
+def load_split(source: ModelSource, ratio: float, dtype: torch.dtype = torch.float32) -> tuple[ClientModel, ServerModel]:
+    k = split_point(source.n_layers, ratio)
+    return ClientModel(source, k, dtype), ServerModel(source, k, dtype)
+
+
+def fingerprint(source: ModelSource, k: int, lora: dict, extra: dict | None = None) -> str:
+    """What client and server must agree on: base config, split point, LoRA config, protocol."""
+    cfg = source.config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "name_or_path", "use_cache", "dtype", "torch_dtype",
+                     "architectures", "_commit_hash"):
+        cfg.pop(volatile, None)
+    blob = json.dumps({"config": cfg, "random": source.random_weights, "n_layers": source.n_layers, "k": k,
+                       "lora": lora, **(extra or {})}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

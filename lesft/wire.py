@@ -1,0 +1,589 @@
+"""The wire codec: messages <-> lists of byte frames (design §3). No sockets here.
+
+A message body (what follows a ROUTER envelope) is frame 0, a msgpack header map, then
+one raw frame per tensor in the order the header lists them; tensor bytes never enter
+msgpack. Header keys::
+
+    v: protocol version   t: message type   role: sender role   id: sender id (-1 = singleton)
+    run: run id           r: round (>= -1)  seq: request sequence (>= 0)
+    m: type-specific metadata (msgpack-native values only)
+    ts: [[name, dtype_code, shape], ...]    one entry per tensor frame
+
+`decode` validates everything generic and raises only `WireError`; the `check_*`
+functions add the per-type, model-aware checks. A worker answers a `WireError` with
+`error_message(e.code, e.text, ...)` and keeps serving.
+
+Decoded tensors are zero-copy, READ-ONLY views over the received frames: `.clone()` or
+`.to(...)` them before any in-place operation (including autograd leaves you mutate).
+"""
+from __future__ import annotations
+
+import enum
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+
+
+class MsgType(str, enum.Enum):
+    HELLO = "hello"
+    WELCOME = "welcome"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    UPLOAD = "upload"
+    ACK = "ack"
+    ADAPTERS = "adapters"
+    FETCH = "fetch"
+    ERROR = "error"
+    BYE = "bye"
+    HEARTBEAT = "heartbeat"
+    DONE = "done"
+
+
+ROLES = frozenset({"client", "server", "aggregator", "broker"})
+
+# Settings names for the wire dtype of activations and gradients.
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Dtypes allowed on the wire, by header code.
+ALLOWED_DTYPES = {
+    "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
+    "i32": torch.int32, "i64": torch.int64, "u8": torch.uint8, "b1": torch.bool,
+}
+_DTYPE_CODES = {dt: code for code, dt in ALLOWED_DTYPES.items()}
+FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+INDEX_DTYPES = frozenset({torch.int32, torch.int64})
+_META_MAX_DEPTH = 16
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_FRAMES = "bad_frames"
+    BAD_HEADER = "bad_header"
+    BAD_VERSION = "bad_version"
+    BAD_TYPE = "bad_type"
+    BAD_FIELD = "bad_field"
+    BAD_DTYPE = "bad_dtype"
+    BAD_SHAPE = "bad_shape"
+    SIZE_MISMATCH = "size_mismatch"
+    NOT_FINITE = "not_finite"
+    OUT_OF_RANGE = "out_of_range"
+    TOO_LARGE = "too_large"
+    MISSING_TENSOR = "missing_tensor"
+    UNEXPECTED_TENSOR = "unexpected_tensor"
+    FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+    UNKNOWN_CLIENT = "unknown_client"
+    DUPLICATE_CLIENT = "duplicate_client"
+    STALE_ROUND = "stale_round"
+    BAD_ADAPTER = "bad_adapter"
+    NOT_READY = "not_ready"
+    UNAUTHORISED = "unauthorised"
+    INTERNAL = "internal"
+
+
+class WireError(Exception):
+    """A typed protocol error; `str(e)` is one line: ``"<code>: <text>"``."""
+
+    def __init__(self, code: ErrorCode, text: str):
+        self.code = ErrorCode(code)
+        self.text = " ".join(str(text).split())
+        super().__init__(f"{self.code.value}: {self.text}")
+
+
+@dataclass
+class Message:
+    """One protocol message; `tensors` keeps insertion order, which is the frame order."""
+
+    type: MsgType
+    role: str
+    sender: int
+    run_id: str = ""
+    round: int = -1
+    seq: int = 0
+    meta: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Ceilings `decode` enforces before it allocates or trusts anything."""
+
+    max_frames: int = 4096  # header + tensors
+    max_header_bytes: int = 1 << 20
+    max_tensor_bytes: int = 1 << 31
+    max_total_bytes: int = 1 << 31
+    max_ndim: int = 4
+    check_finite: bool = True
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the receiving model accepts: hidden size, tokens per row, rows, vocabulary."""
+
+    hidden_size: int
+    max_length: int
+    max_rows: int
+    vocab_size: int
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _fail(code: ErrorCode, text: str) -> WireError:
+    return WireError(code, text)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN/Inf. A finite fp32 sum proves it (NaN and Inf
+    propagate through a sum) at a fraction of `isfinite`'s cost; an overflowed sum
+    falls back to the exact test."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _nbytes(frame: Any) -> int:
+    return memoryview(getattr(frame, "buffer", frame)).nbytes
+
+
+def _check_meta(x: Any, path: str, depth: int = 0) -> None:
+    if depth > _META_MAX_DEPTH:
+        raise _fail(ErrorCode.BAD_FIELD, f"meta nested deeper than {_META_MAX_DEPTH} at {path}")
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return
+    if isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            _check_meta(v, f"{path}[{i}]", depth + 1)
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise _fail(ErrorCode.BAD_FIELD, f"meta key {k!r} at {path} is not a string")
+            _check_meta(v, f"{path}.{k}", depth + 1)
+    else:
+        raise _fail(ErrorCode.BAD_FIELD, f"meta value at {path} has type {type(x).__name__}")
+
+
+_HEADER_KEYS = {"v": int, "t": str, "role": str, "id": int, "run": str,
+                "r": int, "seq": int, "m": dict, "ts": list}
+
+
+def _check_header(h: Any) -> None:
+    """Validate a header map's keys, types and generic ranges (not the tensor specs)."""
+    if not isinstance(h, dict):
+        raise _fail(ErrorCode.BAD_HEADER, f"header is a {type(h).__name__}, not a map")
+    v = h.get("v")
+    if not _is_int(v):
+        raise _fail(ErrorCode.BAD_HEADER, "header has no integer protocol version 'v'")
+    if v != PROTOCOL_VERSION:
+        raise _fail(ErrorCode.BAD_VERSION, f"protocol version {v}, expected {PROTOCOL_VERSION}")
+    missing = [k for k in _HEADER_KEYS if k not in h]
+    extra = [k for k in h if k not in _HEADER_KEYS]
+    if missing or extra:
+        raise _fail(ErrorCode.BAD_HEADER, f"header keys missing {missing}, unknown {extra}")
+    for key, typ in _HEADER_KEYS.items():
+        ok = _is_int(h[key]) if typ is int else isinstance(h[key], typ)
+        if not ok:
+            raise _fail(ErrorCode.BAD_FIELD,
+                        f"header '{key}' is {type(h[key]).__name__}, expected {typ.__name__}")
+    if h["t"] not in MsgType._value2member_map_:
+        raise _fail(ErrorCode.BAD_TYPE, f"unknown message type {h['t'][:40]!r}")
+    if h["role"] not in ROLES:
+        raise _fail(ErrorCode.BAD_FIELD, f"unknown role {h['role'][:40]!r}")
+    if h["id"] < -1 or h["r"] < -1 or h["seq"] < 0:
+        raise _fail(ErrorCode.BAD_FIELD,
+                    f"id={h['id']} r={h['r']} seq={h['seq']}: need id>=-1, r>=-1, seq>=0")
+    _check_meta(h["m"], "m")
+
+
+def _check_specs(ts: list, limits: Limits) -> list[tuple[str, torch.dtype, tuple, int]]:
+    """Validate `ts` entries -> [(name, dtype, shape, nbytes)]."""
+    out, seen, total = [], set(), 0
+    for i, spec in enumerate(ts):
+        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)
+                and spec[0] and isinstance(spec[1], str) and isinstance(spec[2], list)):
+            raise _fail(ErrorCode.BAD_FIELD, f"tensor spec {i} is not [name, dtype, shape]")
+        name, code, shape = spec
+        if name in seen:
+            raise _fail(ErrorCode.BAD_FIELD, f"tensor name {name!r} repeated")
+        seen.add(name)
+        if code not in ALLOWED_DTYPES:
+            raise _fail(ErrorCode.BAD_DTYPE,
+                        f"tensor {name!r} dtype {code[:16]!r} not in {sorted(ALLOWED_DTYPES)}")
+        if len(shape) > limits.max_ndim:
+            raise _fail(ErrorCode.BAD_SHAPE,
+                        f"tensor {name!r} has {len(shape)} dims, max {limits.max_ndim}")
+        if not all(_is_int(d) and 0 <= d <= limits.max_tensor_bytes for d in shape):
+            raise _fail(ErrorCode.BAD_SHAPE, f"tensor {name!r} shape {shape} has an invalid dim")
+        dtype = ALLOWED_DTYPES[code]
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        if nbytes > limits.max_tensor_bytes:
+            raise _fail(ErrorCode.TOO_LARGE,
+                        f"tensor {name!r} shape {shape} needs {nbytes} bytes, "
+                        f"limit {limits.max_tensor_bytes}")
+        total += nbytes
+        if total > limits.max_total_bytes:
+            raise _fail(ErrorCode.TOO_LARGE, f"tensors exceed {limits.max_total_bytes} bytes")
+        out.append((name, dtype, tuple(shape), nbytes))
+    return out
+
+
+# ------------------------------------------------------------------------ encode/decode
+
+def _wire_dtype(float_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if float_dtype is None or float_dtype in FLOAT_DTYPES:
+        return float_dtype
+    dt = WIRE_DTYPES.get(float_dtype) or ALLOWED_DTYPES.get(float_dtype)
+    if dt not in FLOAT_DTYPES:
+        raise ValueError(f"wire float dtype {float_dtype!r}: use one of {sorted(WIRE_DTYPES)}")
+    return dt
+
+
+def _tensor_buffer(t: torch.Tensor) -> memoryview:
+    """Bytes of a contiguous CPU tensor, sharing its storage (bf16 has no numpy dtype)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode(msg: Message, float_dtype: str | torch.dtype | None = None) -> list:
+    """Message -> ``[header_bytes, buf_1, ..., buf_n]``, one buffer per tensor.
+
+    Floating tensors are cast to `float_dtype` ("fp32" | "bf16" | "fp16" or a torch
+    dtype) when given; integer and bool tensors are sent as they are. A contiguous CPU
+    tensor already in its wire dtype is sent as a memoryview of its own storage (no
+    copy): do not modify it until the frames are sent. CUDA tensors are cast on the
+    device, then copied to the CPU. Raises `WireError` for a message `decode` would reject
+    on its header, names or dtypes; `ValueError` for an unknown `float_dtype`.
+    """
+    target = _wire_dtype(float_dtype)
+    specs, bufs = [], []
+    for name, t in msg.tensors.items():
+        if not isinstance(name, str) or not name or not isinstance(t, torch.Tensor):
+            raise _fail(ErrorCode.BAD_FIELD, f"tensor entry {name!r} is not str -> Tensor")
+        t = t.detach()
+        if target is not None and t.is_floating_point() and t.dtype != target:
+            t = t.to(target)
+        if t.dtype not in _DTYPE_CODES:
+            raise _fail(ErrorCode.BAD_DTYPE, f"tensor {name!r} has dtype {t.dtype} not allowed")
+        t = t.cpu().contiguous()
+        specs.append([name, _DTYPE_CODES[t.dtype], list(t.shape)])
+        bufs.append(_tensor_buffer(t))
+    mtype = msg.type.value if isinstance(msg.type, MsgType) else msg.type
+    header = {"v": PROTOCOL_VERSION, "t": mtype, "role": msg.role, "id": msg.sender,
+              "run": msg.run_id, "r": msg.round, "seq": msg.seq, "m": msg.meta, "ts": specs}
+    _check_header(header)
+    try:
+        raw = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise _fail(ErrorCode.BAD_FIELD, f"header not packable: {e}") from e
+    return [raw, *bufs]
+
+
+def _unpack_header(raw: memoryview, limits: Limits) -> dict:
+    n = raw.nbytes
+    if n > limits.max_header_bytes:
+        raise _fail(ErrorCode.TOO_LARGE, f"header is {n} bytes, limit {limits.max_header_bytes}")
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
+                               max_bin_len=0, max_ext_len=0, max_str_len=n,
+                               max_array_len=n, max_map_len=n)
+    except Exception as e:  # msgpack raises several unrelated types on hostile input
+        raise _fail(ErrorCode.BAD_HEADER, f"header is not valid msgpack: {e}") from e
+
+
+def _frame_tensor(buf: memoryview, name: str, dtype: torch.dtype, shape: tuple,
+                  check_finite: bool) -> torch.Tensor:
+    if buf.nbytes == 0:  # frombuffer refuses empty buffers
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        t = torch.frombuffer(buf, dtype=torch.uint8)
+    if dtype == torch.bool and int(t.max()) > 1:
+        raise _fail(ErrorCode.OUT_OF_RANGE, f"bool tensor {name!r} holds bytes other than 0/1")
+    if t.data_ptr() % dtype.itemsize:  # unaligned frame (small zmq messages): copy once
+        t = t.clone()
+    t = t.view(dtype).view(shape)
+    if check_finite and dtype in FLOAT_DTYPES and not all_finite(t):
+        raise _fail(ErrorCode.NOT_FINITE, f"tensor {name!r} holds NaN or Inf")
+    return t
+
+
+def _decode(frames: Sequence, limits: Limits) -> Message:
+    frames = list(frames)
+    if not frames:
+        raise _fail(ErrorCode.BAD_FRAMES, "empty message: no header frame")
+    if len(frames) > limits.max_frames:
+        raise _fail(ErrorCode.TOO_LARGE, f"{len(frames)} frames, limit {limits.max_frames}")
+    try:
+        bufs = [memoryview(getattr(f, "buffer", f)).cast("B") for f in frames]
+    except (TypeError, ValueError) as e:
+        raise _fail(ErrorCode.BAD_FRAMES, f"a frame is not a contiguous buffer: {e}") from e
+    h = _unpack_header(bufs[0], limits)
+    _check_header(h)
+    if len(bufs) - 1 != len(h["ts"]):
+        raise _fail(ErrorCode.BAD_FRAMES,
+                    f"header lists {len(h['ts'])} tensor frames, got {len(bufs) - 1}")
+    specs = _check_specs(h["ts"], limits)
+    tensors = {}
+    for (name, dtype, shape, nbytes), buf in zip(specs, bufs[1:]):
+        if buf.nbytes != nbytes:
+            raise _fail(ErrorCode.SIZE_MISMATCH,
+                        f"tensor {name!r} {list(shape)} expects {nbytes} bytes, got {buf.nbytes}")
+        tensors[name] = _frame_tensor(buf, name, dtype, shape, limits.check_finite)
+    return Message(MsgType(h["t"]), h["role"], h["id"], h["run"], h["r"], h["seq"],
+                   h["m"], tensors)
+
+
+def decode(frames: Sequence, limits: Limits | None = None) -> Message:
+    """Frames (``bytes``/``memoryview``/``bytearray``/``zmq.Frame``) -> validated Message.
+
+    Raises only `WireError`. Tensors are read-only zero-copy views over the frames (they
+    keep the frames alive); `.clone()` or `.to(...)` them before in-place use.
+    """
+    try:
+        return _decode(frames, limits or Limits())
+    except WireError:
+        raise
+    except Exception as e:  # never let a hostile message raise anything but WireError
+        raise _fail(ErrorCode.BAD_FRAMES, f"undecodable message: {type(e).__name__}: {e}") from e
+
+
+def split_envelope(frames: list) -> tuple[list, list]:
+    """ROUTER frames -> (envelope up to and including the first empty frame, body)."""
+    for i, f in enumerate(frames):
+        try:
+            empty = _nbytes(f) == 0
+        except TypeError as e:
+            raise _fail(ErrorCode.BAD_FRAMES, f"frame {i} is not a buffer") from e
+        if empty:
+            return list(frames[: i + 1]), list(frames[i + 1:])
+    raise _fail(ErrorCode.BAD_FRAMES, "no empty delimiter frame: not a routed message")
+
+
+# ------------------------------------------------------------------------------- errors
+
+def error_message(code: ErrorCode, text: str, *, role: str, sender: int, run_id: str = "",
+                  round: int = -1, seq: int = 0) -> Message:
+    """An ERROR reply carrying ``meta = {"code": code.value, "text": text}``."""
+    text = " ".join(str(text).split())[:1000]
+    return Message(MsgType.ERROR, role, sender, run_id, round, seq,
+                   {"code": ErrorCode(code).value, "text": text})
+
+
+def raise_if_error(msg: Message) -> None:
+    """Raise the `WireError` an ERROR message carries; do nothing for other types."""
+    if msg.type != MsgType.ERROR:
+        return
+    code, text = msg.meta.get("code"), msg.meta.get("text", "")
+    if code not in ErrorCode._value2member_map_:
+        code, text = ErrorCode.INTERNAL, f"peer sent unknown error code {code!r}: {text}"
+    raise WireError(ErrorCode(code), str(text))
+
+
+# ---------------------------------------------------------------- per-type schema checks
+
+def _expect_type(msg: Message, t: MsgType) -> None:
+    if msg.type != t:
+        raise _fail(ErrorCode.BAD_TYPE, f"expected a {t.value} message, got {msg.type}")
+
+
+def _tensor(msg: Message, name: str, dtypes: frozenset, ndim: int) -> torch.Tensor:
+    t = msg.tensors.get(name)
+    if t is None:
+        raise _fail(ErrorCode.MISSING_TENSOR, f"{msg.type.value} needs tensor {name!r}")
+    if t.dtype not in dtypes:
+        raise _fail(ErrorCode.BAD_DTYPE, f"tensor {name!r} has dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise _fail(ErrorCode.BAD_SHAPE, f"tensor {name!r} has shape {list(t.shape)}, "
+                                         f"expected {ndim} dims")
+    return t
+
+
+def _expect_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise _fail(ErrorCode.BAD_SHAPE, f"tensor {name!r} has shape {list(t.shape)}, "
+                                         f"expected {list(shape)}")
+
+
+def _in_range(what: str, ok: torch.Tensor) -> None:
+    if not bool(ok.all()):
+        raise _fail(ErrorCode.OUT_OF_RANGE, what)
+
+
+def _activation(msg: Message, name: str, lim: ModelLimits, rows: int | None) -> torch.Tensor:
+    """An activation ``[B, T, H]`` with H == hidden, 1 <= B <= max_rows, 1 <= T <= max_length."""
+    a = _tensor(msg, name, FLOAT_DTYPES, 3)
+    b, t, h = a.shape
+    if h != lim.hidden_size:
+        raise _fail(ErrorCode.BAD_SHAPE, f"{name!r} hidden size {h}, model has {lim.hidden_size}")
+    if not 1 <= b <= lim.max_rows or (rows is not None and b != rows):
+        raise _fail(ErrorCode.BAD_SHAPE, f"{name!r} has {b} rows, allowed 1..{lim.max_rows}"
+                                         + (f" and == {rows}" if rows is not None else ""))
+    if not 1 <= t <= lim.max_length:
+        raise _fail(ErrorCode.BAD_SHAPE, f"{name!r} has {t} tokens, allowed 1..{lim.max_length}")
+    return a
+
+
+_FORWARD_BASE = ("act", "lengths", "y_start", "targets", "y_len")
+_FORWARD_REF = ("ref_act", "ref_lengths", "ref_y_start")
+FORWARD_PATHS = frozenset({"dual", "base", "reference", "none"})
+
+
+def check_forward(msg: Message, lim: ModelLimits) -> None:
+    """FORWARD: ``act [B,T,H]`` float, ``lengths/y_start/y_len [B]`` and ``targets [B,Ty]``
+    int32/int64, optional ``ref_act [B,T2,H]``, ``ref_lengths/ref_y_start [B]`` (all or none).
+
+    Ranges: 1 <= lengths <= T, 1 <= y_start < lengths, 0 <= y_len <= Ty,
+    y_start + y_len <= lengths (and the same on the reference path), targets in
+    [0, vocab). meta: ``paths`` in FORWARD_PATHS ("dual"/"reference" need the ref
+    tensors), ``want_grad`` bool.
+    """
+    _expect_type(msg, MsgType.FORWARD)
+    paths, want_grad = msg.meta.get("paths", "dual"), msg.meta.get("want_grad", True)
+    if paths not in FORWARD_PATHS or not isinstance(want_grad, bool):
+        raise _fail(ErrorCode.BAD_FIELD, f"meta paths={paths!r} want_grad={want_grad!r}: "
+                                         f"need paths in {sorted(FORWARD_PATHS)}, bool")
+    extra = [k for k in msg.tensors if k not in _FORWARD_BASE + _FORWARD_REF]
+    if extra:
+        raise _fail(ErrorCode.UNEXPECTED_TENSOR, f"forward has unexpected tensors {extra}")
+    have_ref = [k for k in _FORWARD_REF if k in msg.tensors]
+    partial = 0 < len(have_ref) < len(_FORWARD_REF)
+    if partial or (not have_ref and paths in ("dual", "reference")):
+        missing = [k for k in _FORWARD_REF if k not in msg.tensors]
+        raise _fail(ErrorCode.MISSING_TENSOR, f"reference path (paths={paths!r}) lacks {missing}")
+    act = _activation(msg, "act", lim, None)
+    b, t = act.shape[0], act.shape[1]
+    lengths, y_start, y_len = (_tensor(msg, k, INDEX_DTYPES, 1)
+                               for k in ("lengths", "y_start", "y_len"))
+    targets = _tensor(msg, "targets", INDEX_DTYPES, 2)
+    for name, x in (("lengths", lengths), ("y_start", y_start), ("y_len", y_len)):
+        _expect_shape(name, x, (b,))
+    if targets.shape[0] != b or targets.shape[1] > t:
+        raise _fail(ErrorCode.BAD_SHAPE, f"targets {list(targets.shape)} vs act [{b}, {t}, H]")
+    lengths, y_start, y_len = lengths.long(), y_start.long(), y_len.long()
+    _in_range(f"lengths must be in 1..{t}", (lengths >= 1) & (lengths <= t))
+    _in_range("y_start must be in 1..lengths-1", (y_start >= 1) & (y_start < lengths))
+    _in_range(f"y_len must be in 0..{targets.shape[1]}",
+              (y_len >= 0) & (y_len <= targets.shape[1]))
+    _in_range("y_start + y_len must be <= lengths", y_start + y_len <= lengths)
+    if targets.numel():
+        _in_range(f"targets must be token ids in [0, {lim.vocab_size})",
+                  (targets >= 0) & (targets < lim.vocab_size))
+    if have_ref:
+        ref = _activation(msg, "ref_act", lim, b)
+        t2 = ref.shape[1]
+        ref_len, ref_start = (_tensor(msg, k, INDEX_DTYPES, 1) for k in _FORWARD_REF[1:])
+        _expect_shape("ref_lengths", ref_len, (b,))
+        _expect_shape("ref_y_start", ref_start, (b,))
+        ref_len, ref_start = ref_len.long(), ref_start.long()
+        _in_range(f"ref_lengths must be in 1..{t2}", (ref_len >= 1) & (ref_len <= t2))
+        _in_range("ref_y_start must be in 1..ref_lengths-1",
+                  (ref_start >= 1) & (ref_start < ref_len))
+        _in_range("ref_y_start + y_len must be <= ref_lengths", ref_start + y_len <= ref_len)
+
+
+def check_backward(msg: Message, expected_shape: tuple[int, ...] | None = None) -> None:
+    """BACKWARD: optional ``grad [B,T,H]`` float (== `expected_shape`, the sent act's,
+    when given); meta ``loss`` if present is a finite number."""
+    _expect_type(msg, MsgType.BACKWARD)
+    extra = [k for k in msg.tensors if k != "grad"]
+    if extra:
+        raise _fail(ErrorCode.UNEXPECTED_TENSOR, f"backward has unexpected tensors {extra}")
+    if "grad" in msg.tensors:
+        g = _tensor(msg, "grad", FLOAT_DTYPES, 3)
+        if expected_shape is not None:
+            _expect_shape("grad", g, expected_shape)
+        if not all_finite(g):
+            raise _fail(ErrorCode.NOT_FINITE, "tensor 'grad' holds NaN or Inf")
+    loss = msg.meta.get("loss", 0.0)
+    if not (isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)):
+        raise _fail(ErrorCode.BAD_FIELD, f"meta loss={loss!r} is not a finite number")
+
+
+def _check_adapter_dict(msg: Message, expected_keys: Mapping[str, tuple] | None) -> None:
+    if not msg.tensors:
+        raise _fail(ErrorCode.BAD_ADAPTER, "adapter dict is empty")
+    for k, t in msg.tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise _fail(ErrorCode.BAD_DTYPE, f"adapter {k!r} has dtype {t.dtype}")
+        if t.numel() == 0:
+            raise _fail(ErrorCode.BAD_ADAPTER, f"adapter {k!r} is empty {list(t.shape)}")
+        if not all_finite(t):
+            raise _fail(ErrorCode.NOT_FINITE, f"adapter {k!r} holds NaN or Inf")
+    if expected_keys is None:
+        return
+    for k, shape in expected_keys.items():
+        if k not in msg.tensors:
+            raise _fail(ErrorCode.BAD_ADAPTER, f"adapter key {k!r} missing")
+        if tuple(msg.tensors[k].shape) != tuple(shape):
+            raise _fail(ErrorCode.BAD_ADAPTER, f"adapter {k!r} has shape "
+                                               f"{list(msg.tensors[k].shape)}, expected {list(shape)}")
+    for k in msg.tensors:
+        if k not in expected_keys:
+            raise _fail(ErrorCode.BAD_ADAPTER, f"adapter key {k!r} unexpected")
+
+
+def _positive_int(msg: Message, key: str, minimum: int) -> None:
+    v = msg.meta.get(key)
+    if not _is_int(v):
+        raise _fail(ErrorCode.BAD_FIELD, f"meta {key}={v!r} must be an integer")
+    if v < minimum:
+        raise _fail(ErrorCode.OUT_OF_RANGE, f"meta {key}={v} must be >= {minimum}")
+
+
+def check_upload(msg: Message, expected_keys: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """UPLOAD: meta ``n_samples`` int > 0; tensors = a float, finite, non-empty adapter dict
+    whose keys and shapes equal `expected_keys` when given."""
+    _expect_type(msg, MsgType.UPLOAD)
+    _positive_int(msg, "n_samples", 1)
+    _check_adapter_dict(msg, expected_keys)
+
+
+def check_adapters(msg: Message, expected_keys: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """ADAPTERS (the broadcast): the global adapter dict, same checks as an upload's."""
+    _expect_type(msg, MsgType.ADAPTERS)
+    _check_adapter_dict(msg, expected_keys)
+
+
+def check_hello(msg: Message) -> None:
+    """HELLO meta: ``client_id`` int >= 0, ``n_samples`` int > 0, ``fingerprint`` str."""
+    _expect_type(msg, MsgType.HELLO)
+    _positive_int(msg, "client_id", 0)
+    _positive_int(msg, "n_samples", 1)
+    fp = msg.meta.get("fingerprint")
+    if not isinstance(fp, str) or not fp:
+        raise _fail(ErrorCode.BAD_FIELD, "meta fingerprint must be a non-empty string")
+
+
+# --------------------------------------------------------------------------- benchmark
+
+def codec_roundtrip_seconds(shape=(4, 512, 576), dtype="fp32", repeat=20) -> dict:
+    """Time encode and decode of one FORWARD-sized tensor of `shape`, cast to `dtype`.
+
+    Decoding reads `bytes` copies of the frames, as a socket would hand them over.
+    Returns seconds per call and payload throughput in bytes/s.
+    """
+    t = torch.randn(*shape)
+    msg = Message(MsgType.FORWARD, "client", 0, tensors={"act": t})
+    encode(msg, dtype)  # warm-up
+    enc_s = dec_s = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        frames = encode(msg, dtype)
+        t1 = time.perf_counter()
+        received = [bytes(f) for f in frames]
+        t2 = time.perf_counter()
+        decode(received)
+        dec_s += time.perf_counter() - t2
+        enc_s += t1 - t0
+    payload = sum(len(f) for f in received[1:])
+    wire = sum(len(f) for f in received)
+    enc_s, dec_s = enc_s / repeat, dec_s / repeat
+    return {"shape": list(shape), "dtype": dtype, "payload_bytes": payload, "wire_bytes": wire,
+            "encode_s": enc_s, "decode_s": dec_s, "roundtrip_s": enc_s + dec_s,
+            "bytes_per_s": payload / max(enc_s + dec_s, 1e-12)}
