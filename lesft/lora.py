@@ -233,7 +233,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def save_peft_adapter(adapters: Mapping[str, torch.Tensor], settings: LoraSettings, out: str | Path,
-                      base_model: str = "", extra: dict | None = None) -> Path:
+                      base_model: str = "", extra: dict | None = None, n_layers: int | None = None) -> Path:
     """Write canonical adapters (both sides together) as one PEFT adapter for the full model.
 
     ``PeftModel.from_pretrained(full_causal_lm, out)`` loads it. Written atomically.
@@ -247,10 +247,16 @@ def save_peft_adapter(adapters: Mapping[str, torch.Tensor], settings: LoraSettin
             raise AdapterError(f"adapter tensor {name} holds NaN or Inf: not saving {out}.")
         layer_path, ab = name.rsplit(".", 1)
         tensors[f"base_model.model.model.{layer_path}.{ab}.weight"] = t.detach().to("cpu", torch.float32).contiguous()
+    config = peft_config(settings, base_model)
+    if n_layers is not None:
+        # e.g. splitfrozen trains only the server's layers: say so, or PEFT would add fresh adapters
+        layers = sorted({int(name.split(".")[1]) for name in adapters})
+        if layers != list(range(n_layers)):
+            config.layers_to_transform = layers
     tmp = _atomic_dir(out)
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        peft_config(settings, base_model).save_pretrained(str(tmp))
+        config.save_pretrained(str(tmp))
         if extra:
             (tmp / "lesft.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
         _replace_dir(tmp, out)

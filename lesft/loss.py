@@ -161,8 +161,9 @@ def target_index(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.
 
 
 def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``x[b, positions[b, j]]`` for ``x [B, L, ...]`` and ``positions [B, T]``."""
-    idx = positions.clamp(min=0)
+    """``x[b, positions[b, j]]`` for ``x [B, L, ...]`` and ``positions [B, T]`` (padding
+    positions are clamped into range; their values are masked out by the caller)."""
+    idx = positions.clamp(min=0, max=x.shape[1] - 1)
     if x.dim() == 2:
         return x.gather(1, idx)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,6 @@
+"""Commands beyond training (evaluation, export, summaries, benchmarks, keys, data).
+
+Each attaches itself to :data:`lesft.cli.app`.
+"""
+
+from __future__ import annotations

@@ -1,0 +1,343 @@
+"""The training steps of each party, shared by the in-process trainer and the workers.
+
+:class:`ClientParty` is one edge client (its part of the model, its data, its LoRA and
+optimiser); :class:`ServerParty` is the server (the rest of the model, its LoRA and
+optimiser). The in-process trainer calls them directly; the worker processes call the
+same methods around the wire, which is why the two reproduce each other.
+
+Gradient bookkeeping follows "sums and counts": the server backpropagates the *sum* of
+the per-row losses of a microbatch and each party divides its accumulated gradients once,
+at the optimiser step, by the number of rows it saw in the accumulation window. The
+result does not depend on how rows were grouped into microbatches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from lesft import lora
+from lesft.batching import Batch, Rows, collate, concat_rows, encode_all, split_grad, target_positions
+from lesft.config import Config
+from lesft.data import Example
+from lesft.loss import TokenLoss, gather_positions, lesft_token_loss, sft_token_loss, target_logprobs
+from lesft.methods import Method
+from lesft.metrics import Meter
+from lesft.models import ModelSource
+from lesft.split import ClientModel, FullModel, ServerModel, split_point
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from lesft.config import ConfigError
+
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is visible: use --device cpu or auto.")
+    return torch.device(name)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def rounds_per_epoch(n_samples: int, batch_size: int) -> int:
+    return max(1, math.ceil(n_samples / batch_size))
+
+
+def total_rounds(cfg: Config, sizes: Sequence[int], batch_size: int | None = None) -> int:
+    """Rounds of the run: ``--rounds`` or ``epochs x`` the longest client epoch."""
+    if cfg.train.rounds:
+        return cfg.train.rounds
+    b = batch_size or cfg.train.batch_size
+    return cfg.train.epochs * max(rounds_per_epoch(n, b) for n in sizes)
+
+
+def is_step_round(r: int, total: int, grad_accum: int) -> bool:
+    """Whether the optimiser steps after round ``r`` (0-based): end of a window or of the run."""
+    return (r + 1) % grad_accum == 0 or r == total - 1
+
+
+def is_aggregation_round(r: int, total: int, every: int) -> bool:
+    return (r + 1) % every == 0 or r == total - 1
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
+    params = list(params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Trainable:
+    """LoRA parameters + AdamW + the rows seen in the current accumulation window."""
+
+    part: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    window_rows: int = 0
+    steps: int = 0
+    meter: Meter
+
+    def step(self) -> bool:
+        """Divide the accumulated gradient by the window's row count and step once."""
+        if self.optimizer is None:
+            return False
+        with self.meter.phase("optimizer"):
+            if self.window_rows > 0:
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.div_(self.window_rows)
+                self.optimizer.step()
+                self.steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        stepped, self.window_rows = self.window_rows > 0, 0
+        return stepped
+
+    def adapters(self) -> dict[str, torch.Tensor]:
+        return lora.get_adapters(self.part)
+
+    def load_adapters(self, tensors) -> None:
+        lora.set_adapters(self.part, tensors)
+
+    def state(self) -> dict:
+        """Everything to resume this party exactly: adapters, optimiser, pending gradients."""
+        params = lora.adapter_params(self.part)
+        return {
+            "adapters": self.adapters(),
+            "grads": {k: p.grad.detach().cpu().clone() for k, p in params.items() if p.grad is not None},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "window_rows": self.window_rows,
+            "steps": self.steps,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.load_adapters(state["adapters"])
+        params = lora.adapter_params(self.part)
+        for k, p in params.items():
+            g = state["grads"].get(k)
+            p.grad = None if g is None else g.to(p.device, p.dtype).clone()
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.window_rows, self.steps = int(state["window_rows"]), int(state["steps"])
+
+
+def head_logprobs(head, hidden: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the targets ``[B, Ty]`` computed only at the positions that
+    predict them (the LM head on every position would cost as much as several layers).
+    Returns ``(logprobs, mask, hidden at those positions)``."""
+    pos, mask = target_positions(y_start, y_len, targets.shape[1])
+    h = gather_positions(hidden, pos)
+    return target_logprobs(head(h), targets), mask, h
+
+
+def token_loss(method: Method, cfg: Config, logprobs: torch.Tensor, mask: torch.Tensor, trained_hidden: torch.Tensor,
+               ref: tuple[torch.Tensor, torch.Tensor] | None, head_weight: torch.Tensor | None,
+               targets: torch.Tensor) -> TokenLoss:
+    """The method's loss on aligned targets. ``ref`` = (probs, vectors) of the weighting path,
+    or None for single-path LESFT, where the trained path weights itself (detached)."""
+    if method.loss == "sft":
+        return sft_token_loss(logprobs, mask)
+    if ref is None:
+        ref = (logprobs.detach().exp(), trained_hidden.detach())
+    probs, vectors = ref
+    if cfg.loss.sim_vectors == "lm_head":
+        vectors = head_weight.detach()[targets]
+    return lesft_token_loss(logprobs, probs, vectors, mask, cfg.loss)
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass
+class Pending:
+    """What a client keeps between FORWARD and BACKWARD: the graph of its activations."""
+
+    round: int
+    act: torch.Tensor
+    n_rows: int
+
+
+class ClientParty(_Trainable):
+    """One edge client: its model part, local data, LoRA and optimiser.
+
+    For split methods the part is embedding + first k layers; for ``fedavg`` and
+    ``centralized`` it is the whole model and :meth:`local_step` trains it alone.
+    """
+
+    def __init__(self, cfg: Config, source: ModelSource, method: Method, client_id: int,
+                 examples: Sequence[Example], tokenizer, *, batch_size: int | None = None,
+                 meter: Meter | None = None) -> None:
+        self.cfg, self.method, self.client_id = cfg, method, client_id
+        self.batch_size = batch_size or cfg.train.batch_size
+        self.device = resolve_device(cfg.train.client_device)
+        self.meter = meter or Meter("client", client_id, str(self.device))
+        dtype = dtype_of(cfg.model.dtype)
+        if method.split:
+            self.part = ClientModel(source, split_point(source.n_layers, cfg.model.split_ratio), dtype)
+        else:
+            self.part = FullModel(source, dtype)
+        if method.client_trains:
+            lora.add_lora(self.part, cfg.lora, seed=cfg.train.seed)
+        self.part.to(self.device).train()
+        self.optimizer = _optimizer(lora.adapter_params(self.part).values(), cfg.train.lr, cfg.train.weight_decay)
+        self.pad_id = tokenizer.pad_token_id
+        self.data = encode_all(tokenizer, examples, cfg.data.max_length)
+        if not self.data:
+            raise ValueError(f"client {client_id} has no training examples")
+        self.n_samples = len(self.data)
+        self.pending: Pending | None = None
+        self.window_rows = 0
+        self.steps = 0
+
+    # -- data
+
+    def batch(self, r: int) -> Batch:
+        """Round ``r``'s batch: the client's own seeded permutation per epoch, cycled."""
+        per_epoch = rounds_per_epoch(self.n_samples, self.batch_size)
+        epoch, b = divmod(r, per_epoch)
+        g = torch.Generator().manual_seed(lora._mix(self.cfg.train.seed, self.client_id, epoch))
+        order = torch.randperm(self.n_samples, generator=g).tolist()
+        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        return collate([self.data[i] for i in idx], self.pad_id)
+
+    def keys(self, r: int, n_rows: int) -> torch.Tensor:
+        return lora.row_keys(self.cfg.train.seed, self.client_id, r, n_rows)
+
+    # -- split methods
+
+    def forward(self, r: int) -> Rows:
+        """Client forward of round ``r``: the rows to send to the server (detached)."""
+        batch = self.batch(r)
+        keys = self.keys(r, len(batch))
+        paths = self.cfg.loss.paths if self.method.loss == "lesft" else "base"
+        trained = batch.ref if paths == "reference" else batch.base
+        dev = self.device
+        grad = self.method.client_trains
+        with self.meter.phase("forward"), lora.dropout_rows(keys), torch.set_grad_enabled(grad):
+            act = self.part(trained.input_ids.to(dev), trained.attention_mask.to(dev))
+        ref_act = None
+        if paths == "dual":
+            # reference path: no gradient ever reaches it (the weights are constants)
+            with self.meter.phase("forward"), torch.no_grad(), lora.no_dropout():
+                ref_act = self.part(batch.ref.input_ids.to(dev), batch.ref.attention_mask.to(dev))
+        self.pending = Pending(r, act, len(batch)) if grad else None
+        return Rows(act=act.detach(), lengths=trained.lengths, y_start=trained.y_start, targets=batch.targets,
+                    y_len=batch.y_len, keys=keys, ref_act=ref_act,
+                    ref_lengths=batch.ref.lengths if ref_act is not None else None,
+                    ref_y_start=batch.ref.y_start if ref_act is not None else None)
+
+    def backward(self, grad: torch.Tensor | None, rows_with_tokens: int | None = None) -> None:
+        """Finish the backward pass with the server's ``dL/dS`` ``[B, T, H]`` (sum-of-rows scale)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        if grad is not None:
+            with self.meter.phase("backward"):
+                pending.act.backward(grad.to(pending.act.device, pending.act.dtype))
+        self.window_rows += pending.n_rows if rows_with_tokens is None else rows_with_tokens
+
+    # -- whole-model methods (fedavg, centralized)
+
+    def local_step(self, r: int) -> TokenLoss:
+        """Forward, loss and backward of round ``r`` on the whole model (no server)."""
+        batch = self.batch(r)
+        model: FullModel = self.part  # type: ignore[assignment]
+        dev = self.device
+        with lora.dropout_rows(self.keys(r, len(batch))), _autocast(dev, self.cfg.train.autocast_bf16):
+            with self.meter.phase("forward"):
+                base = batch.base
+                hidden = model.hidden(base.input_ids.to(dev), base.attention_mask.to(dev))
+            with self.meter.phase("loss"):
+                lp, mask, h = head_logprobs(model.head, hidden, base.y_start.to(dev), batch.y_len.to(dev),
+                                            batch.targets.to(dev))
+                tl = token_loss(self.method, self.cfg, lp, mask, h, None, model.lm.lm_head.weight,
+                                batch.targets.to(dev))
+        with self.meter.phase("backward"):
+            tl.total.backward()
+        self.window_rows += int(tl.valid.sum())
+        return tl
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass
+class ServerResult:
+    """One processed microbatch: per-part gradients (or None) and per-part statistics."""
+
+    grads: list[torch.Tensor | None]
+    losses: list[float]
+    valid_rows: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+class ServerParty(_Trainable):
+    """The server: layers[k:] + norm + head with LoRA; computes the loss and dL/dS."""
+
+    def __init__(self, cfg: Config, source: ModelSource, method: Method, *, meter: Meter | None = None) -> None:
+        self.cfg, self.method = cfg, method
+        self.device = resolve_device(cfg.train.device)
+        self.meter = meter or Meter("server", 0, str(self.device))
+        self.k = split_point(source.n_layers, cfg.model.split_ratio)
+        self.part = ServerModel(source, self.k, dtype_of(cfg.model.dtype))
+        lora.add_lora(self.part, cfg.lora, seed=cfg.train.seed)
+        self.part.to(self.device).train()
+        lr = cfg.train.server_lr if cfg.train.server_lr is not None else cfg.train.lr
+        self.optimizer = _optimizer(lora.adapter_params(self.part).values(), lr, cfg.train.weight_decay)
+        self.window_rows = 0
+        self.steps = 0
+
+    def process(self, parts: Sequence[Rows], want_grad: bool) -> ServerResult:
+        """Forward both paths of a microbatch, the loss, the backward; returns each part's dL/dS."""
+        rows = concat_rows(parts).to(self.device, torch.float32)
+        model: ServerModel = self.part  # type: ignore[assignment]
+        T = rows.act.shape[1]
+        act = rows.act.detach().clone().requires_grad_(want_grad)
+        mask = (torch.arange(T, device=self.device)[None, :] < rows.lengths[:, None]).long()
+        amp = _autocast(self.device, self.cfg.train.autocast_bf16)
+        with lora.dropout_rows(rows.keys), amp:
+            with self.meter.phase("forward"):
+                hidden = model.hidden(act, mask)
+            ref = None
+            if self.method.loss == "lesft" and rows.ref_act is not None:
+                with self.meter.phase("forward"), torch.no_grad(), lora.no_dropout():
+                    T2 = rows.ref_act.shape[1]
+                    ref_mask = (torch.arange(T2, device=self.device)[None, :] < rows.ref_lengths[:, None]).long()
+                    ref_hidden = model.hidden(rows.ref_act, ref_mask)
+                    ref_lp, _, ref_h = head_logprobs(model.head, ref_hidden, rows.ref_y_start, rows.y_len, rows.targets)
+                    ref = (ref_lp.exp(), ref_h)
+            with self.meter.phase("loss"):
+                lp, tmask, h = head_logprobs(model.head, hidden, rows.y_start, rows.y_len, rows.targets)
+                tl = token_loss(self.method, self.cfg, lp, tmask, h, ref, model.lm.lm_head.weight, rows.targets)
+        with self.meter.phase("backward"):
+            tl.total.backward()
+        self.window_rows += int(tl.valid.sum())
+        grads: list[torch.Tensor | None] = [None] * len(parts)
+        if want_grad:
+            grads = [g.to("cpu") for g in split_grad(act.grad, parts)]
+        losses, valid, start = [], [], 0
+        row_loss, row_valid = tl.rows.detach().cpu(), tl.valid.cpu()
+        for p in parts:
+            sl = slice(start, start + len(p))
+            v = int(row_valid[sl].sum())
+            losses.append(float(row_loss[sl][row_valid[sl]].mean()) if v else float("nan"))
+            valid.append(v)
+            start += len(p)
+        stats = dict(tl.stats, loss=float(tl.loss.detach()), rows=len(rows))
+        return ServerResult(grads, losses, valid, stats)

@@ -1,0 +1,147 @@
+"""The in-process reference trainer: Algorithm 1 with N virtual clients in one process.
+
+It calls exactly what the worker processes call (``lesft.engine``), in the same order, so
+the multi-process pipeline must reproduce its adapters. Virtual clients share the frozen
+base weights (one copy in memory); each has its own LoRA and AdamW.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lesft import lora
+from lesft.aggregate import fedavg
+from lesft.config import Config
+from lesft.data import Example, load_examples, partition
+from lesft.engine import ClientParty, ServerParty, is_aggregation_round, is_step_round, total_rounds
+from lesft.methods import Method, get_method
+from lesft.metrics import JsonlWriter, Meter
+from lesft.models import ModelSource, resolve
+from lesft.split import split_point
+
+
+def make_run_dir(cfg: Config) -> Path:
+    run_id = cfg.run.run_id or time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.run.runs_dir) / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def client_shards(cfg: Config) -> list[list[Example]]:
+    """Each client's training examples (seeded sample of the train split, then partitioned)."""
+    d = cfg.data
+    n = d.clients * d.samples_per_client
+    examples = load_examples(d.dataset, "train", data_dir=d.data_dir or None, ref_style=d.ref_style,
+                             teacher_cot=d.teacher_cot or None, n=n if d.dataset != "synthetic" else max(n, 1000),
+                             seed=d.data_seed)
+    return partition(examples, d.clients, d.samples_per_client, scheme=d.partition, alpha=d.dirichlet_alpha,
+                     seed=d.data_seed)
+
+
+def party_layout(method: Method, cfg: Config, shards: list[list[Example]]) -> tuple[list[list[Example]], int]:
+    """Centralized SFT is one party over all data with the clients' combined batch size."""
+    if method.centralized:
+        return [[ex for shard in shards for ex in shard]], cfg.train.batch_size * len(shards)
+    return shards, cfg.train.batch_size
+
+
+def final_outputs(run_dir: Path, cfg: Config, source: ModelSource, method: Method,
+                  server: dict[str, torch.Tensor] | None, clients: dict[int, dict[str, torch.Tensor]]) -> dict:
+    """Write per-side adapters and the combined PEFT adapter(s) of a finished run.
+
+    Aggregated methods have one global client adapter (``clients`` holds it under -1);
+    ``sl`` keeps one per client: ``adapter/`` then combines client 0, and
+    ``adapter-client<i>/`` every client.
+    """
+    k = split_point(source.n_layers, cfg.model.split_ratio) if method.split else 0
+    meta = {"method": method.name, "model": source.spec, "random_weights": source.random_weights,
+            "split_ratio": cfg.model.split_ratio, "k": k, "n_layers": source.n_layers}
+    written = {}
+    if server is not None:
+        written["server"] = str(lora.save_adapters(server, run_dir / "server-adapters.safetensors", meta))
+    for cid, adapters in clients.items():
+        name = "client-adapters.safetensors" if cid < 0 else f"client-{cid}-adapters.safetensors"
+        written[f"client{cid}"] = str(lora.save_adapters(adapters, run_dir / name, meta))
+    ids = sorted(clients)
+    primary = clients[ids[0]] if ids else {}
+    written["adapter"] = str(lora.save_peft_adapter({**primary, **(server or {})}, cfg.lora, run_dir / "adapter",
+                                                    base_model=source.spec, extra=meta, n_layers=source.n_layers))
+    if len(ids) > 1:
+        for cid in ids:
+            lora.save_peft_adapter({**clients[cid], **(server or {})}, cfg.lora, run_dir / f"adapter-client{cid}",
+                                   base_model=source.spec, extra=meta, n_layers=source.n_layers)
+    return written
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    history: list[dict] = field(default_factory=list)
+    server: dict[str, torch.Tensor] | None = None
+    clients: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None = None,
+                    source: ModelSource | None = None) -> RunResult:
+    """Run Algorithm 1 for ``cfg`` in this process; write the run folder; return adapters."""
+    t0 = time.perf_counter()
+    method = get_method(cfg.train.method)
+    source = source or resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+    tok = source.load_tokenizer()
+    shards, batch_size = party_layout(method, cfg, client_shards(cfg))
+    run_dir = make_run_dir(cfg)
+    cfg.save(run_dir / "config.json")
+    meter = Meter("trainer", 0)
+    clients = [ClientParty(cfg, source, method, i, shard, tok, batch_size=batch_size, meter=meter)
+               for i, shard in enumerate(shards)]
+    server = ServerParty(cfg, source, method, meter=meter) if method.split else None
+    rounds = total_rounds(cfg, [c.n_samples for c in clients], batch_size)
+    log = JsonlWriter(run_dir / "trainer-0.jsonl")
+    history: list[dict] = []
+    for r in range(rounds):
+        last = r == rounds - 1
+        if server is not None:
+            parts = [c.forward(r) for c in clients]
+            res = server.process(parts, want_grad=method.client_trains)
+            for c, g, v in zip(clients, res.grads, res.valid_rows):
+                c.backward(g, v)
+            losses, stats = res.losses, res.stats
+            if is_step_round(r, rounds, cfg.train.grad_accum):
+                server.step()
+        else:
+            outs = [c.local_step(r) for c in clients]
+            losses = [float(o.loss.detach()) for o in outs]
+            stats = dict(outs[0].stats, loss=sum(losses) / len(losses))
+        if is_step_round(r, rounds, cfg.train.grad_accum):
+            for c in clients:
+                c.step()
+        aggregated = method.aggregate and is_aggregation_round(r, rounds, cfg.train.aggregate_every)
+        if aggregated:
+            avg = fedavg([(c.adapters(), c.n_samples) for c in clients])
+            for c in clients:
+                c.load_adapters(avg)
+        meter.sample_memory()
+        record = {"event": "round", "round": r, "rounds": rounds, "client_losses": losses,
+                  "aggregated": aggregated, "wall_s": time.perf_counter() - t0, **stats}
+        history.append(record)
+        log.write(record)
+        if on_round:
+            on_round(record, rounds)
+    server_ad = server.adapters() if server is not None else None
+    if method.aggregate:
+        client_ad = {-1: clients[0].adapters()}
+    elif method.client_trains:
+        client_ad = {c.client_id: c.adapters() for c in clients}
+    else:
+        client_ad = {}
+    final_outputs(run_dir, cfg, source, method, server_ad, client_ad)
+    wall = time.perf_counter() - t0
+    log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall})
+    log.close()
+    return RunResult(run_dir, history, server_ad, client_ad, wall)
