@@ -145,6 +145,24 @@ class Rows:
     def __len__(self) -> int:
         return self.act.shape[0]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The FORWARD tensors of these rows (index tensors as int32; keys stay local)."""
+        out = {"act": self.act, "lengths": self.lengths, "y_start": self.y_start, "targets": self.targets,
+               "y_len": self.y_len}
+        if self.ref_act is not None:
+            out.update(ref_act=self.ref_act, ref_lengths=self.ref_lengths, ref_y_start=self.ref_y_start)
+        return {k: v if v.is_floating_point() else v.to(torch.int32) for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], keys: torch.Tensor) -> "Rows":
+        """Rows from a validated FORWARD's tensors and the rows' dropout keys."""
+        def idx(name):
+            return t[name].long() if name in t else None
+
+        return cls(act=t["act"], lengths=idx("lengths"), y_start=idx("y_start"), targets=idx("targets"),
+                   y_len=idx("y_len"), keys=keys, ref_act=t.get("ref_act"), ref_lengths=idx("ref_lengths"),
+                   ref_y_start=idx("ref_y_start"))
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Rows":
         def mv(t, floating=False):
             if t is None:

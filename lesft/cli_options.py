@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import typing
 from typing import Callable, Optional
 
@@ -20,7 +21,7 @@ from lesft.config import Config, ConfigError, build_config, leaf_fields
 
 def _options() -> list[inspect.Parameter]:
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                                default=typer.Option(None, "--config", help="TOML file of settings",
+                                default=typer.Option(None, "--config", help="TOML file of settings (or $LESFT_CONFIG)",
                                                      rich_help_panel="Settings"))]
     for name, (group, f) in leaf_fields().items():
         flag = "--" + name.replace("_", "-")
@@ -68,7 +69,7 @@ def config_command(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(**kwargs):
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        toml = settings.pop("config")
+        toml = settings.pop("config") or os.environ.get("LESFT_CONFIG")
         try:
             cfg = build_config(toml=toml, cli=settings)
         except ConfigError as e:

@@ -4,3 +4,4 @@ Each attaches itself to :data:`lesft.cli.app`.
 """
 
 from __future__ import annotations
+from lesft import commands_eval  # noqa: E402,F401

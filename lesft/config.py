@@ -137,6 +137,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "server / trainer device: auto|cpu|cuda"})
     client_device: str = field(default="cpu", metadata={"help": "client device: cpu|cuda|auto"})
     autocast_bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads of this process (0: torch's default)"})
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, ("lesft", "splitlora", "sl", "splitfrozen", "fedavg", "centralized"))
@@ -149,6 +150,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "aggregate_every"):
             _positive(name, getattr(self, name))
         _positive("rounds", self.rounds, zero_ok=True)
+        _positive("threads", self.threads, zero_ok=True)
         if self.aggregate_every % self.grad_accum:
             raise ConfigError(
                 f"aggregate_every={self.aggregate_every} is not a multiple of grad_accum={self.grad_accum}: "
@@ -170,6 +172,9 @@ class NetConfig:
     register_timeout_s: float = field(default=600.0, metadata={"help": "longest the server waits for all clients to register"})
     checkpoint_every: int = field(default=0, metadata={"help": "server checkpoint period in rounds (0: only at the end)"})
     max_message_mb: int = field(default=512, metadata={"help": "largest message accepted (ZMQ_MAXMSGSIZE)"})
+    keys_dir: str = field(default="", metadata={"help": "CurveZMQ keys folder (lesft keys generate); empty: plaintext"})
+    insecure: bool = field(default=False, metadata={"help": "allow plaintext TCP to a non-loopback address"})
+    done_linger_s: float = field(default=5.0, metadata={"help": "how long server/aggregator stay up after the run ends"})
 
     def __post_init__(self) -> None:
         _one_of("wire_dtype", self.wire_dtype, ("fp32", "bf16", "fp16"))
@@ -201,6 +206,17 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_toml(self) -> str:
+        """The resolved settings as TOML that :func:`build_config` reads back identically."""
+        lines = []
+        for group, values in self.to_dict().items():
+            lines.append(f"[{group}]")
+            for k, v in values.items():
+                if v is not None:
+                    lines.append(f"{k} = {json.dumps(v)}")
+            lines.append("")
+        return "\n".join(lines)
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with some leaf fields changed (validated), e.g. ``cfg.replace(clients=2)``."""

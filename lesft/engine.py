@@ -341,3 +341,19 @@ class ServerParty(_Trainable):
             start += len(p)
         stats = dict(tl.stats, loss=float(tl.loss.detach()), rows=len(rows))
         return ServerResult(grads, losses, valid, stats)
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def run_fingerprint(cfg: Config, source: ModelSource) -> tuple[str, dict]:
+    """What a client and the server must agree on, as a hash and as named parts (so a
+    mismatch can be named): base model config, split point, LoRA config, method, seed."""
+    from lesft.split import fingerprint
+    from lesft.wire import PROTOCOL_VERSION
+
+    k = split_point(source.n_layers, cfg.model.split_ratio)
+    parts = {"model": source.spec, "k": k, "lora": lora.settings_dict(cfg.lora), "method": cfg.train.method,
+             "paths": cfg.loss.paths, "seed": cfg.train.seed, "protocol": PROTOCOL_VERSION,
+             "max_length": cfg.data.max_length}
+    return fingerprint(source, k, parts["lora"], {k_: v for k_, v in parts.items() if k_ != "lora"}), parts

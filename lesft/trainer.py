@@ -50,32 +50,62 @@ def party_layout(method: Method, cfg: Config, shards: list[list[Example]]) -> tu
     return shards, cfg.train.batch_size
 
 
-def final_outputs(run_dir: Path, cfg: Config, source: ModelSource, method: Method,
-                  server: dict[str, torch.Tensor] | None, clients: dict[int, dict[str, torch.Tensor]]) -> dict:
-    """Write per-side adapters and the combined PEFT adapter(s) of a finished run.
+SERVER_FILE = "server-adapters.safetensors"
+GLOBAL_CLIENT_FILE = "client-adapters.safetensors"
 
-    Aggregated methods have one global client adapter (``clients`` holds it under -1);
-    ``sl`` keeps one per client: ``adapter/`` then combines client 0, and
-    ``adapter-client<i>/`` every client.
-    """
+
+def client_file(client_id: int) -> str:
+    return f"client-{client_id}-adapters.safetensors"
+
+
+def adapter_meta(cfg: Config, source: ModelSource, method: Method) -> dict:
     k = split_point(source.n_layers, cfg.model.split_ratio) if method.split else 0
-    meta = {"method": method.name, "model": source.spec, "random_weights": source.random_weights,
+    return {"method": method.name, "model": source.spec, "random_weights": source.random_weights,
             "split_ratio": cfg.model.split_ratio, "k": k, "n_layers": source.n_layers}
-    written = {}
-    if server is not None:
-        written["server"] = str(lora.save_adapters(server, run_dir / "server-adapters.safetensors", meta))
-    for cid, adapters in clients.items():
-        name = "client-adapters.safetensors" if cid < 0 else f"client-{cid}-adapters.safetensors"
-        written[f"client{cid}"] = str(lora.save_adapters(adapters, run_dir / name, meta))
+
+
+def combine_run(run_dir: Path, cfg: Config, source: ModelSource, method: Method) -> list[Path]:
+    """Write the combined PEFT adapter(s) of a run from the per-side files in ``run_dir``.
+
+    ``adapter/`` = server adapters + the global client adapters (aggregated methods) or
+    client 0's (``sl``); with per-client adapters, ``adapter-client<i>/`` for every client.
+    Both sides' files must be in ``run_dir`` (copy them there when the parties ran apart).
+    """
+    run_dir = Path(run_dir)
+    server = lora.load_adapters(run_dir / SERVER_FILE) if (run_dir / SERVER_FILE).is_file() else {}
+    clients: dict[int, dict[str, torch.Tensor]] = {}
+    if (run_dir / GLOBAL_CLIENT_FILE).is_file():
+        clients[-1] = lora.load_adapters(run_dir / GLOBAL_CLIENT_FILE)
+    else:
+        for i in range(cfg.data.clients):
+            if (run_dir / client_file(i)).is_file():
+                clients[i] = lora.load_adapters(run_dir / client_file(i))
+    if method.split and not server:
+        raise lora.AdapterError(f"{run_dir / SERVER_FILE} is missing: the server has not finished this run.")
+    if method.client_trains and not clients:
+        raise lora.AdapterError(f"no client adapters in {run_dir}: the clients or aggregator have not finished.")
+    meta = adapter_meta(cfg, source, method)
     ids = sorted(clients)
-    primary = clients[ids[0]] if ids else {}
-    written["adapter"] = str(lora.save_peft_adapter({**primary, **(server or {})}, cfg.lora, run_dir / "adapter",
-                                                    base_model=source.spec, extra=meta, n_layers=source.n_layers))
+    written = []
+    first = clients[ids[0]] if ids else {}
+    written.append(lora.save_peft_adapter({**first, **server}, cfg.lora, run_dir / "adapter", base_model=source.spec,
+                                          extra=meta, n_layers=source.n_layers))
     if len(ids) > 1:
         for cid in ids:
-            lora.save_peft_adapter({**clients[cid], **(server or {})}, cfg.lora, run_dir / f"adapter-client{cid}",
-                                   base_model=source.spec, extra=meta, n_layers=source.n_layers)
+            written.append(lora.save_peft_adapter({**clients[cid], **server}, cfg.lora, run_dir / f"adapter-client{cid}",
+                                                  base_model=source.spec, extra=meta, n_layers=source.n_layers))
     return written
+
+
+def final_outputs(run_dir: Path, cfg: Config, source: ModelSource, method: Method,
+                  server: dict[str, torch.Tensor] | None, clients: dict[int, dict[str, torch.Tensor]]) -> list[Path]:
+    """Write per-side adapters (``clients`` key -1 = the global client adapters) and combine them."""
+    meta = adapter_meta(cfg, source, method)
+    if server is not None:
+        lora.save_adapters(server, run_dir / SERVER_FILE, meta)
+    for cid, adapters in clients.items():
+        lora.save_adapters(adapters, run_dir / (GLOBAL_CLIENT_FILE if cid < 0 else client_file(cid)), meta)
+    return combine_run(run_dir, cfg, source, method)
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""``lesft eval``: accuracy of the base model or a trained adapter on a dataset split."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from lesft.cli import app, console
+from lesft.cli_options import config_command, fail
+from lesft.config import Config
+
+DEFAULT_BATCH = 8
+
+
+def _own_batch_size(command: Callable) -> Callable:
+    """Give a config command its own ``--batch-size`` (the generation batch).
+
+    The config tree already has ``batch_size`` (samples per client per round, default 1),
+    which would otherwise claim the flag; here the flag means rows generated together.
+    """
+    params = [p for p in inspect.signature(command).parameters.values()
+              if p.name not in ("batch_size", "gen_batch_size")]
+    own = inspect.Parameter("batch_size", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                            default=typer.Option(DEFAULT_BATCH, "--batch-size",
+                                                 help="prompts generated together (greedy results do not depend on it)"))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        gen_batch_size = kwargs.pop("batch_size")
+        return command(gen_batch_size=gen_batch_size, batch_size=None, **kwargs)
+
+    at = next((i for i, p in enumerate(params) if p.name == "config"), len(params))
+    wrapper.__signature__ = inspect.Signature(params[:at] + [own] + params[at:])  # type: ignore[attr-defined]
+    del wrapper.__wrapped__
+    return wrapper
+
+
+def default_output(adapter: str | None, dataset: str, split: str, runs_dir: str) -> Path:
+    """``<run dir>/eval-<dataset>-<split>.jsonl`` beside ``<run dir>/adapter``; other adapter
+    folders (``adapter-client1``) prefix their name; no adapter: ``<runs dir>/eval-...``."""
+    name = f"eval-{dataset}-{split}.jsonl"
+    if adapter is None:
+        return Path(runs_dir) / name
+    folder = Path(adapter).expanduser().resolve()
+    return folder.parent / (name if folder.name == "adapter" else f"eval-{folder.name}-{dataset}-{split}.jsonl")
+
+
+@app.command("eval")
+@_own_batch_size
+@config_command
+def eval_command(
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder of a run (default: the base model)"),
+    split: str = typer.Option("test", "--split", help="dataset split (commonsenseqa test = the labelled dev file)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate a random sample of n questions (seed: --data-seed)"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest continuation"),
+    out: Optional[str] = typer.Option(None, "--out", help="per-question JSONL (default: beside the adapter)"),
+    gen_batch_size: int = DEFAULT_BATCH,
+    *, cfg: Config) -> None:
+    """Greedy-decode a dataset split and report accuracy with its 95% Wilson interval."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from lesft.data import load_examples
+    from lesft.engine import dtype_of, resolve_device
+    from lesft.evaluate import evaluate, load_for_eval, write_records, write_summary
+    from lesft.models import resolve
+
+    if limit is not None and limit < 1:
+        fail(f"--limit {limit} is not valid: evaluate at least 1 question.")
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens {max_new_tokens} is not valid: it must be >= 1.")
+    if gen_batch_size < 1:
+        fail(f"--batch-size {gen_batch_size} is not valid: it must be >= 1.")
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    examples = load_examples(cfg.data.dataset, split, n=limit, seed=cfg.data.data_seed,
+                             data_dir=cfg.data.data_dir or None)
+    device = resolve_device(cfg.train.device)
+    source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+    path = Path(out) if out else default_output(adapter, cfg.data.dataset, split, cfg.run.runs_dir)
+    if path.suffix != ".jsonl":
+        fail(f"--out {path} should end in .jsonl (the summary goes beside it as .json).")
+    start = time.perf_counter()
+    model = load_for_eval(source, adapter, device=device, dtype=dtype_of(cfg.model.dtype))
+    tokenizer = source.load_tokenizer()
+    load_s = time.perf_counter() - start
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("correct {task.fields[correct]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console) as progress:
+        task = progress.add_task(f"eval {cfg.data.dataset}/{split}", total=len(examples), correct=0)
+        result = evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
+                          progress=lambda done, total, correct: progress.update(task, completed=done,
+                                                                                 correct=correct))
+    write_records(result, path)
+    summary = dict(result.summary(), split=split, model=source.spec, random_weights=source.random_weights,
+                   adapter=str(adapter) if adapter else None, limit=limit, data_seed=cfg.data.data_seed,
+                   max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=str(device),
+                   dtype=cfg.model.dtype, load_seconds=load_s, records=str(path), config=cfg.to_dict())
+    summary_path = write_summary(summary, path.with_suffix(".json"))
+    _print_result(result, summary, source.label)
+    console.print(f"records: {path}\nsummary: {summary_path}", highlight=False)
+
+
+def _print_result(result, summary: dict, model_label: str) -> None:
+    table = Table("", "", title="lesft eval", show_header=False)
+    table.add_row("dataset", f"{result.dataset} / {summary['split']}")
+    table.add_row("model", model_label)
+    table.add_row("adapter", summary["adapter"] or "none (base model)")
+    table.add_row("correct", f"{result.correct} of {result.n}")
+    table.add_row("accuracy", f"[bold]{100 * result.accuracy:.1f}%[/]  (95% CI {100 * result.ci_low:.1f}-"
+                              f"{100 * result.ci_high:.1f}%, Wilson)")
+    table.add_row("generation", f"{result.new_tokens} tokens in {result.seconds:.1f} s "
+                                f"({result.tokens_per_s:.1f} tokens/s, batch {summary['batch_size']}, "
+                                f"{summary['device']})")
+    console.print(table)
+    if summary["random_weights"]:
+        console.print("[yellow]random weights: this accuracy measures only the mechanics.[/]")

@@ -1,0 +1,339 @@
+"""Evaluation of a base model or a trained adapter: greedy generation, answer scoring,
+and a deterministic loss probe.
+
+Generation is a plain greedy loop over the causal LM with a KV cache. Prompts are left
+padded and ``position_ids`` come from the attention mask (as in training, see
+:func:`lesft.split.position_ids`), so a row's tokens do not depend on the batch it sits
+in: batch size 1 and batch size 16 give the same text (up to floating-point summation
+order, which only matters at exact near-ties of the top two logits). Finished rows leave
+the batch (their cache rows are dropped), so one long answer does not keep seven
+finished rows computing.
+
+A row stops at EOS, after ``max_new_tokens``, or (``stop_at_newline_question``) once
+the model has started the next example ("\\nQuestion:" and the other restarts that
+:func:`lesft.answers.truncate_continuation` cuts at): nothing after that point can change
+the extracted answer, and a base model spends most of its tokens inventing new questions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from lesft import lora
+from lesft.answers import _RESTART, extract_answer, is_correct, wilson_interval
+from lesft.batching import collate, encode_all
+from lesft.config import ConfigError, LoraSettings
+from lesft.data import DataError, Example
+from lesft.engine import head_logprobs
+from lesft.loss import sft_token_loss
+from lesft.lora import AdapterError
+from lesft.models import ModelSource
+from lesft.split import FullModel, position_ids
+
+# --------------------------------------------------------------------------- loading
+
+
+def adapter_settings(folder: str | Path) -> tuple[LoraSettings, list[int] | None]:
+    """The LoRA settings a PEFT adapter folder was trained with, and its ``layers_to_transform``."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder not found: {folder}. Pass --adapter the adapter/ folder "
+                           "of a finished run (runs/<run id>/adapter).")
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: pass --adapter a PEFT adapter folder "
+                           "(adapter_config.json + adapter_model.safetensors).")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}): re-export the adapter.") from None
+    for flag in ("use_dora", "use_rslora"):
+        if cfg.get(flag):
+            raise AdapterError(f"{path}: {flag}=true is not supported; lesft adapters are plain LoRA.")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(pattern):
+            raise AdapterError(f"{path}: a per-module {pattern} is not supported; lesft adapters use one rank.")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets] if targets.isidentifier() else None
+    if not targets or not all(isinstance(t, str) and t.isidentifier() for t in targets):
+        raise AdapterError(f"{path}: target_modules {cfg.get('target_modules')!r} is not a list of module "
+                           "names (e.g. [\"gate_proj\", \"up_proj\"]).")
+    try:
+        settings = LoraSettings(lora_r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
+                                lora_dropout=float(cfg.get("lora_dropout") or 0.0), lora_targets=tuple(targets))
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise AdapterError(f"{path}: unusable LoRA settings ({e}).") from None
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    return settings, (sorted(int(i) for i in layers) if layers else None)
+
+
+def load_for_eval(source: ModelSource, adapter: str | Path | None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> FullModel:
+    """The whole model in eval mode, with the adapter of a PEFT folder applied (or none).
+
+    LoRA is injected with the adapter's own settings (rank, alpha, target modules).
+    Layers outside its ``layers_to_transform`` get LoRA with ``B = 0``, which is exactly
+    the base layer.
+    """
+    model = FullModel(source, dtype)
+    if adapter is not None:
+        settings, layers = adapter_settings(adapter)
+        tensors = lora.load_peft_adapter(Path(adapter).expanduser())
+        lora.add_lora(model, settings)
+        if layers is not None:
+            own = set(layers)
+            live = lora.adapter_params(model)
+            # B is zero after add_lora, so these leave their layers unchanged
+            tensors = {**{k: p.detach().clone() for k, p in live.items() if int(k.split(".")[1]) not in own},
+                       **tensors}
+        lora.set_adapters(model, tensors)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _restarted(text: str) -> bool:
+    """Whether the cut of :func:`~lesft.answers.truncate_continuation` is settled.
+
+    One character must follow the match: a pattern ending in ``\\b`` ("\\n\\nQuestion")
+    could still fail if the next character continues the word.
+    """
+    m = _RESTART.search(text)
+    return m is not None and m.end() < len(text)
+
+
+def _eos_ids(model: FullModel, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return {int(i) for i in ids if i is not None}
+
+
+@torch.no_grad()
+def _greedy(model: FullModel, rows: Sequence[Sequence[int]], max_new_tokens: int, eos: set[int], pad_id: int,
+            stop: Callable[[list[int]], bool] | None) -> list[list[int]]:
+    """Greedy continuations (token ids, EOS excluded) of one left-padded batch of prompts."""
+    from transformers import DynamicCache
+
+    lm = model.lm
+    dev = next(lm.parameters()).device
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[b, width - len(r):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = position_ids(mask)
+    cache = DynamicCache(config=lm.config)
+    # transformers 5.x renamed ``past_key_values`` to ``cache``
+    cache_kw = {"cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values": cache}
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kw)
+    nxt_pos = pos[:, -1:] + 1
+    active = list(range(len(rows)))  # batch row -> prompt index
+    generated: list[list[int]] = [[] for _ in rows]
+    while True:
+        tokens = out.logits[:, -1].argmax(dim=-1)
+        keep = []
+        for j, t in enumerate(tokens.tolist()):
+            row = generated[active[j]]
+            if t in eos:
+                continue
+            row.append(t)
+            if len(row) < max_new_tokens and not (stop is not None and stop(row)):
+                keep.append(j)
+        if not keep:
+            return generated
+        if len(keep) < len(active):
+            sel = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(sel)
+            tokens, mask, nxt_pos = tokens[sel], mask[sel], nxt_pos[sel]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        out = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=nxt_pos, use_cache=True, **cache_kw)
+        nxt_pos = nxt_pos + 1
+
+
+def generate(model: FullModel, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
+             stop_at_newline_question: bool = True, stats: dict | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (decoded, special tokens skipped, raw text).
+
+    Prompts are grouped by token length into batches of ``batch_size``; the outputs come
+    back in the order of ``prompts``. Prompts longer than the model's positions allow
+    (with room for ``max_new_tokens``) lose their left end. ``stats``, when given, gets
+    ``new_tokens`` (per prompt) and ``seconds``.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must both be >= 1")
+    start = time.perf_counter()
+    encoded = [list(tokenizer(p).input_ids) for p in prompts]
+    max_pos = getattr(model.lm.config, "max_position_embeddings", None)
+    if max_pos:
+        room = max(1, int(max_pos) - max_new_tokens)
+        encoded = [e[-room:] for e in encoded]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = _eos_ids(model, tokenizer)
+
+    def stop(row: list[int]) -> bool:
+        return _restarted(tokenizer.decode(row, skip_special_tokens=True))
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out_ids: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            rows = _greedy(model, [encoded[i] for i in chunk], max_new_tokens, eos, pad_id,
+                           stop if stop_at_newline_question else None)
+            for i, r in zip(chunk, rows):
+                out_ids[i] = r
+    finally:
+        model.train(was_training)
+    if stats is not None:
+        stats["new_tokens"] = [len(r) for r in out_ids]
+        stats["seconds"] = time.perf_counter() - start
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in out_ids]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class EvalResult:
+    """Accuracy on one dataset with its 95% Wilson interval, and one record per question."""
+
+    dataset: str
+    n: int
+    correct: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    records: list[dict] = field(default_factory=list)
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        """Everything but the records (for the JSON summary)."""
+        out = {k: v for k, v in asdict(self).items() if k != "records"}
+        out["tokens_per_s"] = self.tokens_per_s
+        return out
+
+
+def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_tokens: int = 256, batch_size: int = 8,
+             progress: Callable[[int, int, int], None] | None = None) -> EvalResult:
+    """Greedy answers to ``examples`` (one dataset), scored with :mod:`lesft.answers`.
+
+    ``progress(done, total, correct_so_far)`` is called after every batch. Records keep
+    the order of ``examples``.
+    """
+    if not examples:
+        raise DataError("no examples to evaluate: check --limit and the dataset split.")
+    datasets = {ex.dataset for ex in examples}
+    if len(datasets) > 1:
+        raise DataError(f"evaluate one dataset at a time (got {', '.join(sorted(datasets))}).")
+    dataset = examples[0].dataset
+    start = time.perf_counter()
+    # similar prompt lengths share a batch: less padding
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].x))
+    records: list[dict | None] = [None] * len(examples)
+    done = correct = new_tokens = 0
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        stats: dict = {}
+        outputs = generate(model, tokenizer, [examples[i].x for i in chunk], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, stats=stats)
+        counts = stats.get("new_tokens") or [0] * len(chunk)
+        for i, text, n_tok in zip(chunk, outputs, counts):
+            ex = examples[i]
+            pred = extract_answer(text, dataset)
+            ok = is_correct(pred, ex.answer, dataset)
+            records[i] = dict(uid=ex.uid, kind=ex.kind, prompt=ex.x, output=text, extracted=pred, gold=ex.answer,
+                              correct=ok, new_tokens=n_tok)
+            correct += ok
+            new_tokens += n_tok
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(examples), correct)
+    n = len(examples)
+    lo, hi = wilson_interval(correct, n)
+    return EvalResult(dataset=dataset, n=n, correct=correct, accuracy=correct / n, ci_low=lo, ci_high=hi,
+                      records=records, new_tokens=new_tokens, seconds=time.perf_counter() - start)
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_records(result: EvalResult, path: str | Path) -> Path:
+    """One JSON object per question (JSONL), written atomically."""
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records)
+    return _atomic_write(Path(path), lines)
+
+
+def write_summary(summary: dict, path: str | Path) -> Path:
+    return _atomic_write(Path(path), json.dumps(summary, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- loss probe
+
+
+@torch.no_grad()
+def probe_loss(model: FullModel, tokenizer, examples: Sequence[Example], max_length: int = 256,
+               batch_size: int = 4) -> float:
+    """Mean over examples of the per-row target NLL of ``y`` given ``x`` (eq. 17, weights 1).
+
+    No dropout and no gradient, so the number is deterministic: a "did training lower the
+    loss on this data" probe. Sequences are truncated as in training (``max_length``).
+    """
+    items = encode_all(tokenizer, examples, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dev = next(model.parameters()).device
+    total, rows = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with lora.no_dropout():
+            for s in range(0, len(items), batch_size):
+                batch = collate(items[s:s + batch_size], pad_id)
+                base = batch.base
+                hidden = model.hidden(base.input_ids.to(dev), base.attention_mask.to(dev))
+                lp, mask, _ = head_logprobs(model.head, hidden, base.y_start.to(dev), batch.y_len.to(dev),
+                                            batch.targets.to(dev))
+                tl = sft_token_loss(lp, mask)
+                total += float(tl.total)
+                rows += int(tl.valid.sum())
+    finally:
+        model.train(was_training)
+    if rows == 0:
+        raise DataError("probe_loss got no example with target tokens.")
+    return total / rows

@@ -1,0 +1,141 @@
+"""The aggregator role: FedAvg of client adapters, broadcast on PUB.
+
+It binds a ROUTER (HELLO, UPLOAD, FETCH, BYE) and a PUB (ADAPTERS, heartbeats). The PUB
+sends heartbeats from the start, and a client says HELLO only after it has received one,
+so every registered client is a live subscriber before the first broadcast (the sync
+step of zguide's pub-sub). When every registered client has uploaded round r, the
+|D_i|-weighted average is saved (atomically) and published with its round; a late or
+restarted client asks for it with FETCH.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from lesft import wire
+from lesft.aggregate import fedavg
+from lesft.config import Config
+from lesft.lora import save_adapters
+from lesft.trainer import GLOBAL_CLIENT_FILE
+from lesft.wire import ErrorCode, Message, MsgType, WireError
+from workers.common import Channel, Inbound, Worker, make_socket, reply_error
+
+
+class Aggregator(Worker):
+    role = "aggregator"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg, -1)
+        self.expected = cfg.data.clients
+        self.registered: dict[int, int] = {}  # client id -> n_samples
+        self.uploads: dict[int, dict[int, tuple[dict, int]]] = {}
+        self.schema: dict[str, tuple[int, ...]] | None = None
+        self.latest: Message | None = None
+        self.byes: set[int] = set()
+        self.done_at: float | None = None
+
+    def run(self) -> int:
+        net = self.cfg.net
+        limits = wire.Limits(max_total_bytes=net.max_message_mb * 2**20)
+        self.router = Channel(make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.aggregator_address), self.meter,
+                              routed=True, limits=limits)
+        self.pub = Channel(make_socket(self.ctx, zmq.PUB, self.cfg, bind=net.aggregator_pub), self.meter,
+                           routed=False, topic=True)
+        self.log.info("aggregating %d clients: uploads on %s, broadcasts on %s", self.expected,
+                      net.aggregator_address, net.aggregator_pub)
+        next_beat = 0.0
+        try:
+            while not self.stop.is_set():
+                if self.router.sock.poll(50):
+                    self.dispatch(self.router.recv())
+                now = time.monotonic()
+                if now >= next_beat:
+                    # fast beats while subscribers are still joining
+                    self.pub.send(self.message(MsgType.HEARTBEAT))
+                    fast = len(self.registered) < self.expected
+                    next_beat = now + (0.1 if fast else net.heartbeat_s)
+                if self.done_at is not None and now - self.done_at > net.done_linger_s:
+                    break
+        finally:
+            self.router.close()
+            self.pub.close()
+            self.finish(aggregations=self.meter.counters.get("aggregations", 0))
+        return 0
+
+    def dispatch(self, inbound: Inbound) -> None:
+        if inbound.error is not None:
+            reply_error(self.router, inbound, inbound.error, self.role, self.id, self.run_id, self.log)
+            return
+        msg = inbound.msg
+        try:
+            if msg.run_id != self.run_id:
+                raise WireError(ErrorCode.BAD_FIELD, f"run id {msg.run_id!r} is not this aggregator's {self.run_id!r}")
+            handler = {MsgType.HELLO: self.on_hello, MsgType.UPLOAD: self.on_upload, MsgType.FETCH: self.on_fetch,
+                       MsgType.BYE: self.on_bye, MsgType.HEARTBEAT: self.on_heartbeat}.get(msg.type)
+            if handler is None:
+                raise WireError(ErrorCode.BAD_TYPE, f"the aggregator does not take {msg.type.value} messages")
+            handler(inbound, msg)
+        except WireError as e:
+            self.meter.count(f"rejected.{e.code.value}")
+            reply_error(self.router, inbound, e, self.role, self.id, self.run_id, self.log)
+
+    def ack(self, inbound: Inbound, msg: Message, **meta) -> None:
+        self.router.send(self.message(MsgType.ACK, msg.round, msg.seq, meta), inbound.envelope)
+
+    def on_hello(self, inbound: Inbound, msg: Message) -> None:
+        wire.check_hello(msg)
+        cid = msg.meta["client_id"]
+        if cid != msg.sender or cid >= self.expected:
+            raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1}")
+        if cid not in self.registered:
+            self.log.info("client %d subscribed (%d/%d)", cid, len(self.registered) + 1, self.expected)
+        self.registered[cid] = msg.meta["n_samples"]
+        self.ack(inbound, msg)
+
+    def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
+        self.router.send(self.message(MsgType.HEARTBEAT, msg.round, msg.seq), inbound.envelope)
+
+    def on_upload(self, inbound: Inbound, msg: Message) -> None:
+        if msg.sender not in self.registered:
+            raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client {msg.sender} is not registered: send HELLO first")
+        wire.check_upload(msg, self.schema)
+        if self.latest is not None and msg.round <= self.latest.round:
+            # already aggregated (a retried upload): the answer is the broadcast
+            self.ack(inbound, msg, aggregated=True)
+            return
+        bucket = self.uploads.setdefault(msg.round, {})
+        bucket[msg.sender] = ({k: v.clone() for k, v in msg.tensors.items()}, msg.meta["n_samples"])
+        if self.schema is None:
+            self.schema = {k: tuple(v.shape) for k, v in msg.tensors.items()}
+        self.ack(inbound, msg)
+        if set(bucket) >= set(self.registered) and len(bucket) >= self.expected:
+            self.aggregate(msg.round)
+
+    def aggregate(self, r: int) -> None:
+        bucket = self.uploads.pop(r)
+        with self.meter.phase("aggregate"):
+            avg = fedavg([bucket[cid] for cid in sorted(bucket)])
+        save_adapters(avg, self.run_dir / GLOBAL_CLIENT_FILE, {"round": r})
+        self.latest = self.message(MsgType.ADAPTERS, r, 0, {"clients": sorted(bucket),
+                                                           "n_samples": sum(n for _, n in bucket.values())}, avg)
+        self.pub.send(self.latest)
+        self.meter.count("aggregations")
+        self.record("aggregation", round=r, clients=sorted(bucket), wall_s=self.meter.wall_s())
+        self.log.info("round %d: averaged %d clients and broadcast", r, len(bucket))
+
+    def on_fetch(self, inbound: Inbound, msg: Message) -> None:
+        if self.latest is None or self.latest.round < msg.round:
+            raise WireError(ErrorCode.NOT_READY, f"no global adapters for round {msg.round} yet")
+        reply = Message(MsgType.ADAPTERS, self.role, self.id, self.run_id, msg.round, msg.seq,
+                        dict(self.latest.meta, round=self.latest.round), self.latest.tensors)
+        self.router.send(reply, inbound.envelope)
+
+    def on_bye(self, inbound: Inbound, msg: Message) -> None:
+        self.byes.add(msg.sender)
+        self.ack(inbound, msg)
+        if len(self.byes) >= self.expected and self.done_at is None:
+            self.log.info("all clients done")
+            self.done_at = time.monotonic()
+

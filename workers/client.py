@@ -1,0 +1,188 @@
+"""The client role: tokenizer, embedding and the first k layers with LoRA, on the edge.
+
+register -> per round: forward both paths, FORWARD, wait BACKWARD, backward, step;
+every I rounds UPLOAD to the aggregator and load its ADAPTERS broadcast -> BYE.
+Text and the tokenizer never leave this process: the server sees activations and ids.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from lesft import wire
+from lesft.config import Config
+from lesft.engine import ClientParty, is_aggregation_round, is_step_round, run_fingerprint
+from lesft.methods import get_method
+from lesft.models import resolve
+from lesft.trainer import adapter_meta, client_file, client_shards, party_layout
+from lesft.wire import Message, MsgType, WireError
+from workers.common import Channel, Peer, Worker, WorkerError, make_socket, request
+
+
+class Client(Worker):
+    role = "client"
+
+    def __init__(self, cfg: Config, client_id: int) -> None:
+        if not 0 <= client_id < cfg.data.clients:
+            raise WorkerError(f"--id {client_id} is outside 0..{cfg.data.clients - 1} (--clients {cfg.data.clients})")
+        super().__init__(cfg, client_id)
+        self.method = get_method(cfg.train.method)
+        self.source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+        tok = self.source.load_tokenizer()
+        shards, batch_size = party_layout(self.method, cfg, client_shards(cfg))
+        self.party = ClientParty(cfg, self.source, self.method, client_id, shards[client_id], tok,
+                                 batch_size=batch_size, meter=self.meter)
+        self.fingerprint, self.parts = run_fingerprint(cfg, self.source)
+        self.seq = 0
+        self.global_round = -1  # round of the last global adapters loaded
+
+    # ------------------------------------------------------------------ sockets
+
+    def _dealer(self, address: str):
+        return lambda: make_socket(self.ctx, zmq.DEALER, self.cfg, connect=address)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def ask(self, peer: Peer, t: MsgType, expect: set[MsgType], round_: int = -1, meta: dict | None = None,
+            tensors: dict | None = None, float_dtype: str | None = None) -> Message:
+        msg = self.message(t, round_, self.next_seq(), meta, tensors)
+        return request(peer, msg, expect, cfg=self.cfg, stop=self.stop, log=self.log, float_dtype=float_dtype)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> int:
+        net = self.cfg.net
+        self.server = Peer("server", self._dealer(net.broker_frontend), self.meter) if self.method.split else None
+        self.agg = self.sub = None
+        try:
+            start, rounds = self.register()
+            for r in range(start, rounds):
+                if self.stop.is_set():
+                    self.log.info("stopping at round %d (signal)", r)
+                    return 0
+                loss = self.train_round(r)
+                if is_step_round(r, rounds, self.cfg.train.grad_accum):
+                    self.party.step()
+                aggregated = self.method.aggregate and is_aggregation_round(r, rounds, self.cfg.train.aggregate_every)
+                if aggregated:
+                    self.aggregate(r)
+                self.record("round", round=r, rounds=rounds, loss=loss, aggregated=aggregated,
+                            wall_s=self.meter.wall_s())
+            self.shutdown()
+        finally:
+            for peer in (self.server, self.agg):
+                if peer is not None:
+                    peer.close()
+            if self.sub is not None:
+                self.sub.close()
+            self.finish(steps=self.party.steps)
+        return 0
+
+    def register(self) -> tuple[int, int]:
+        """HELLO to the server (and the aggregator): returns (first round, total rounds)."""
+        meta = {"client_id": self.id, "n_samples": self.party.n_samples, "fingerprint": self.fingerprint,
+                "parts": self.parts}
+        if self.server is not None:
+            self.log.info("registering with the server via %s", self.cfg.net.broker_frontend)
+            welcome = self.ask(self.server, MsgType.HELLO, {MsgType.WELCOME}, meta=meta)
+            start, rounds = int(welcome.meta["round"]), int(welcome.meta["rounds"])
+        else:
+            start, rounds = 0, self._local_rounds()
+        if self.method.aggregate:
+            self.join_aggregator(meta)
+            if start > 0:  # a restarted client: continue from the latest global adapters
+                self.load_global(self.fetch(-1))
+        self.log.info("registered: rounds %d..%d", start, rounds - 1)
+        return start, rounds
+
+    def _local_rounds(self) -> int:
+        from lesft.engine import total_rounds
+
+        return total_rounds(self.cfg, [self.party.n_samples], self.party.batch_size)
+
+    def train_round(self, r: int) -> float:
+        if self.server is None:
+            return float(self.party.local_step(r).loss.detach())
+        rows = self.party.forward(r)
+        paths = self.cfg.loss.paths if self.method.loss == "lesft" else "base"
+        reply = self.ask(self.server, MsgType.FORWARD, {MsgType.BACKWARD}, r,
+                         {"paths": paths, "want_grad": self.method.client_trains}, rows.tensors(),
+                         float_dtype=self.cfg.net.wire_dtype)
+        try:
+            wire.check_backward(reply, tuple(rows.act.shape) if self.method.client_trains else None)
+        except WireError as e:
+            raise WorkerError(f"the server's gradient for round {r} is unusable ({e})") from None
+        self.party.backward(reply.tensors.get("grad"), int(reply.meta.get("valid_rows", len(rows))))
+        return float(reply.meta.get("loss", 0.0))
+
+    # ------------------------------------------------------------------ aggregation
+
+    def join_aggregator(self, meta: dict) -> None:
+        """Subscribe, wait until the subscription is live (a heartbeat arrives), then HELLO.
+
+        The aggregator therefore knows every registered client is a connected subscriber
+        before it broadcasts anything.
+        """
+        net = self.cfg.net
+        self.agg = Peer("aggregator", self._dealer(net.aggregator_address), self.meter)
+        sub = make_socket(self.ctx, zmq.SUB, self.cfg, connect=net.aggregator_pub)
+        sub.setsockopt(zmq.SUBSCRIBE, MsgType.ADAPTERS.value.encode())
+        sub.setsockopt(zmq.SUBSCRIBE, MsgType.HEARTBEAT.value.encode())
+        self.sub = Channel(sub, self.meter, routed=False, topic=True)
+        deadline = time.monotonic() + net.register_timeout_s
+        while not self.sub.sock.poll(200):
+            if self.stop.is_set() or time.monotonic() > deadline:
+                raise WorkerError(f"no broadcast from the aggregator at {net.aggregator_pub}: is it running?")
+        self.ask(self.agg, MsgType.HELLO, {MsgType.ACK}, meta=meta)
+
+    def aggregate(self, r: int) -> None:
+        """UPLOAD this client's adapters for round r; load the global adapters of round r."""
+        self.ask(self.agg, MsgType.UPLOAD, {MsgType.ACK}, r, {"n_samples": self.party.n_samples},
+                 self.party.adapters())
+        got = self.wait_broadcast(r)
+        self.load_global(got if got is not None else self.fetch(r))
+
+    def wait_broadcast(self, r: int) -> Message | None:
+        deadline = time.monotonic() + self.cfg.net.request_timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if not self.sub.sock.poll(100):
+                continue
+            inbound = self.sub.recv()
+            msg = inbound.msg
+            if msg is None or msg.type != MsgType.ADAPTERS:
+                continue
+            if msg.round >= r:
+                return msg
+        return None
+
+    def fetch(self, r: int) -> Message:
+        """Ask the aggregator for the global adapters of round r (-1: the latest)."""
+        return self.ask(self.agg, MsgType.FETCH, {MsgType.ADAPTERS}, r)
+
+    def load_global(self, msg: Message) -> None:
+        try:
+            wire.check_adapters(msg)
+            self.party.load_adapters(msg.tensors)
+        except (WireError, ValueError) as e:
+            raise WorkerError(f"the aggregator's adapters of round {msg.round} are unusable ({e})") from None
+        self.global_round = msg.round
+
+    # ------------------------------------------------------------------ end
+
+    def shutdown(self) -> None:
+        """Save what only this client has, then BYE; the server answers DONE once all are done."""
+        if self.method.client_trains and not self.method.aggregate:
+            from lesft.lora import save_adapters
+
+            save_adapters(self.party.adapters(), self.run_dir / client_file(self.id),
+                          adapter_meta(self.cfg, self.source, self.method))
+        if self.agg is not None:
+            self.ask(self.agg, MsgType.BYE, {MsgType.ACK})
+        if self.server is not None:
+            self.ask(self.server, MsgType.BYE, {MsgType.DONE})
+        self.log.info("done")
+

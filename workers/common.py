@@ -1,0 +1,273 @@
+"""What every worker process shares: sockets with accounting, validated receive, the
+request-with-retry of the Lazy Pirate pattern, clean shutdown on SIGTERM, run folders.
+
+All message bytes go through :mod:`lesft.wire`; nothing here builds frames by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import zmq
+
+from lesft import wire
+from lesft.config import Config
+from lesft.metrics import JsonlWriter, Meter
+from lesft.wire import ErrorCode, Message, MsgType, WireError
+
+
+class WorkerError(RuntimeError):
+    """A condition that ends a worker with one clear line (a peer that never answers, ...)."""
+
+
+def setup_logging(name: str) -> logging.Logger:
+    logging.basicConfig(level=os.environ.get("LESFT_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    return logging.getLogger(name)
+
+
+def stop_event() -> threading.Event:
+    """Set on SIGTERM/SIGINT: loops finish their step, write their files and exit 0."""
+    ev = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        ev.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return ev
+
+
+def run_dir_for(cfg: Config) -> Path:
+    """Workers must agree on the folder: the run id defaults to "default" (not a timestamp)."""
+    path = Path(cfg.run.runs_dir) / (cfg.run.run_id or "default")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def set_threads(cfg: Config) -> None:
+    if cfg.train.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+
+
+def make_socket(ctx: zmq.Context, kind: int, cfg: Config, *, bind: str | None = None,
+                connect: str | None = None, server_key: bytes | None = None) -> zmq.Socket:
+    """A socket with the project's options: no linger, a message size cap, CURVE when set up."""
+    from workers import security
+
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, cfg.net.max_message_mb * 2**20)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    address = bind or connect
+    security.configure(sock, cfg, address=address, serving=bind is not None, server_key=server_key)
+    if bind:
+        sock.bind(bind)
+    if connect:
+        sock.connect(connect)
+    return sock
+
+
+def frames_bytes(frames: Sequence) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+
+
+@dataclass
+class Inbound:
+    """One received message with the envelope to answer it on (empty for DEALER/SUB)."""
+
+    envelope: list
+    msg: Message | None
+    error: WireError | None = None
+    nbytes: int = 0
+
+
+class Channel:
+    """A socket plus accounting: every send and receive is counted in the worker's Meter."""
+
+    def __init__(self, sock: zmq.Socket, meter: Meter, *, routed: bool, limits: wire.Limits | None = None,
+                 topic: bool = False) -> None:
+        self.sock, self.meter, self.routed, self.topic = sock, meter, routed, topic
+        self.limits = limits or wire.Limits()
+
+    def send(self, msg: Message, envelope: Sequence = (), float_dtype: str | None = None) -> int:
+        frames = wire.encode(msg, float_dtype)
+        head = list(envelope) if self.routed else [b""]
+        if self.topic:
+            head = [msg.type.value.encode()]
+        out = head + frames
+        self.sock.send_multipart(out, copy=False)
+        n = frames_bytes(frames)
+        self.meter.sent(msg.type.value, n)
+        return n
+
+    def recv(self) -> Inbound:
+        """Receive one message now (the caller polled); a bad one comes back with ``error`` set."""
+        frames = self.sock.recv_multipart(copy=False)
+        n = frames_bytes(frames)
+        try:
+            if self.topic:
+                body = frames[1:]
+                envelope: list = []
+            else:
+                envelope, body = wire.split_envelope(frames)
+            msg = wire.decode(body, self.limits)
+        except WireError as e:
+            self.meter.received("invalid", n)
+            self.meter.count(f"rejected.{e.code.value}")
+            env = []
+            if self.routed:
+                try:
+                    env = wire.split_envelope(frames)[0]
+                except WireError:
+                    env = []
+            return Inbound(env, None, e, n)
+        self.meter.received(msg.type.value, n - frames_bytes(envelope))
+        return Inbound(envelope, msg, None, n)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def reply_error(chan: Channel, inbound: Inbound, err: WireError, role: str, sender: int, run_id: str,
+                log: logging.Logger) -> None:
+    """Answer a bad message with ERROR where it can be routed, else log the drop."""
+    msg = inbound.msg
+    log.warning("rejected %s from %s: %s", msg.type.value if msg else "message",
+                f"{msg.role}-{msg.sender}" if msg else "unknown peer", err)
+    if inbound.envelope or not chan.routed:
+        reply = wire.error_message(err.code, err.text, role=role, sender=sender, run_id=run_id,
+                                   round=msg.round if msg else -1, seq=msg.seq if msg else 0)
+        try:
+            chan.send(reply, inbound.envelope)
+        except zmq.ZMQError:
+            pass
+
+
+@dataclass
+class Peer:
+    """A request/reply partner reached through a DEALER that can be rebuilt (Lazy Pirate)."""
+
+    name: str
+    factory: Callable[[], zmq.Socket]
+    meter: Meter
+    limits: wire.Limits = field(default_factory=wire.Limits)
+    chan: Channel | None = None
+    last_heard: float = field(default_factory=time.monotonic)
+
+    def channel(self) -> Channel:
+        if self.chan is None:
+            self.chan = Channel(self.factory(), self.meter, routed=False, limits=self.limits)
+        return self.chan
+
+    def reset(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+        self.meter.count(f"reconnects.{self.name}")
+
+    def close(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+
+
+def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop: threading.Event,
+            log: logging.Logger, float_dtype: str | None = None, what: str = "",
+            on_other: Callable[[Message], None] | None = None,
+            retry_errors: frozenset = frozenset({ErrorCode.NOT_READY})) -> Message:
+    """Send ``msg`` and wait for a matching reply (same round and seq) of an expected type.
+
+    While waiting it sends HEARTBEATs; any message from the peer counts as a sign of
+    life. After ``request_timeout_s`` of silence the socket is rebuilt and the request
+    sent again, up to ``retries`` times. An ERROR reply raises :class:`WireError`, except
+    the retryable ones (NOT_READY), which are asked again after a pause.
+    """
+    what = what or f"{msg.type.value} round {msg.round}"
+    tries = 0
+    while True:
+        chan = peer.channel()
+        chan.send(msg, float_dtype=float_dtype)
+        sent_at = peer.last_heard = time.monotonic()
+        next_beat = sent_at + cfg.net.heartbeat_s
+        while True:
+            if stop.is_set():
+                raise WorkerError(f"stopped while waiting for {peer.name} ({what})")
+            if chan.sock.poll(100):
+                inbound = chan.recv()
+                peer.last_heard = time.monotonic()
+                got = inbound.msg
+                if got is None:
+                    log.warning("dropped a malformed reply from %s: %s", peer.name, inbound.error)
+                    continue
+                if got.type == MsgType.HEARTBEAT:
+                    continue
+                if got.round != msg.round or got.seq != msg.seq:
+                    if on_other is not None:
+                        on_other(got)
+                    else:
+                        peer.meter.count("stale_replies")
+                    continue
+                if got.type == MsgType.ERROR:
+                    err = WireError(ErrorCode(got.meta.get("code", "internal")), str(got.meta.get("text", "")))
+                    if err.code in retry_errors:
+                        time.sleep(min(cfg.net.heartbeat_s, 1.0))
+                        break  # ask again, not counted as a retry
+                    raise err
+                if got.type in expect:
+                    return got
+                peer.meter.count("unexpected_replies")
+                continue
+            now = time.monotonic()
+            if now >= next_beat:
+                chan.send(Message(MsgType.HEARTBEAT, msg.role, msg.sender, msg.run_id, msg.round, msg.seq))
+                next_beat = now + cfg.net.heartbeat_s
+            if now - peer.last_heard > cfg.net.request_timeout_s:
+                tries += 1
+                if tries > cfg.net.retries:
+                    raise WorkerError(f"{peer.name} did not answer {what} after {tries} tries of "
+                                      f"{cfg.net.request_timeout_s:.0f}s: is it running and reachable?")
+                log.warning("no answer from %s for %s in %.0fs: reconnecting (try %d/%d)", peer.name, what,
+                            cfg.net.request_timeout_s, tries, cfg.net.retries)
+                peer.reset()
+                break
+
+
+class Worker:
+    """The common frame of a role: config, run folder, meter, metrics file, stop flag."""
+
+    role = "worker"
+
+    def __init__(self, cfg: Config, worker_id: int) -> None:
+        self.cfg, self.id = cfg, worker_id
+        self.log = setup_logging(f"{self.role}-{worker_id}" if worker_id >= 0 else self.role)
+        self.stop = stop_event()
+        self.run_dir = run_dir_for(cfg)
+        self.run_id = cfg.run.run_id or "default"
+        self.meter = Meter(self.role, max(worker_id, 0), cfg.train.device if self.role == "server" else "cpu")
+        self.metrics = JsonlWriter(self.run_dir / f"{self.role}-{max(worker_id, 0)}.jsonl")
+        self.ctx = zmq.Context.instance()
+        set_threads(cfg)
+
+    def message(self, t: MsgType, round_: int = -1, seq: int = 0, meta: dict | None = None,
+                tensors: dict | None = None) -> Message:
+        return Message(t, self.role, self.id, self.run_id, round_, seq, meta or {}, tensors or {})
+
+    def record(self, event: str, **fields) -> None:
+        self.meter.sample_memory()
+        self.metrics.write({"event": event, **fields})
+
+    def finish(self, **fields) -> None:
+        self.metrics.write({"event": "final", **self.meter.snapshot(), **fields})
+        self.metrics.close()

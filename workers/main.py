@@ -1,0 +1,65 @@
+"""``lesft-worker --role broker|server|aggregator|client [--id N]``: one process of the system.
+
+Every setting is a flag (or a ``LESFT_*`` env var, or a key of ``--config FILE``), so
+the same command runs on one laptop or across machines by changing the addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+import zmq
+
+from lesft.cli_options import config_command, fail
+from lesft.config import Config
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+ROLES = ("broker", "server", "aggregator", "client")
+
+
+@app.command()
+@config_command
+def worker(role: str = typer.Option(..., "--role", help="broker | server | aggregator | client"),
+           worker_id: int = typer.Option(0, "--id", help="client id, 0..clients-1"),
+           resume: bool = typer.Option(False, "--resume", help="server: continue from the last checkpoint"),
+           *, cfg: Config) -> None:
+    """Run one role of a LESFT system."""
+    from lesft.wire import WireError
+    from workers.common import WorkerError
+
+    if role not in ROLES:
+        fail(f"--role {role!r} is not a role: use one of {', '.join(ROLES)}.")
+    try:
+        if role == "broker":
+            from broker.proxy import Broker
+
+            code = Broker(cfg).run()
+        elif role == "server":
+            from workers.server import Server
+
+            code = Server(cfg, resume=resume).run()
+        elif role == "aggregator":
+            from workers.aggregator import Aggregator
+
+            code = Aggregator(cfg).run()
+        else:
+            from workers.client import Client
+
+            code = Client(cfg, worker_id).run()
+    except (WorkerError, WireError) as e:
+        fail(f"{role}: {e}", code=1)
+    except (OSError, zmq.ZMQError) as e:  # e.g. an address already in use
+        fail(f"{role}: {e} (check the --broker-*/--aggregator-* addresses)", code=1)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app(prog_name="lesft-worker")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Transport security: CurveZMQ when keys are configured; plaintext only on loopback
+unless ``--insecure``."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlparse
+
+import zmq
+
+from lesft.config import Config, ConfigError
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a ZeroMQ endpoint stays on this machine (ipc://, inproc://, 127.x, ::1, localhost)."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host = urlparse(address).hostname or ""
+    if host in ("localhost",):
+        return True
+    if host in ("*", "0.0.0.0", "::"):
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+def configure(sock: zmq.Socket, cfg: Config, *, address: str | None, serving: bool,
+              server_key: bytes | None = None) -> None:
+    if cfg.net.keys_dir:
+        from workers import curve
+
+        curve.apply(sock, cfg, serving=serving, server_key=server_key)
+        return
+    if address and not is_loopback(address) and not cfg.net.insecure:
+        raise ConfigError(f"refusing plaintext TCP on {address}: activations can be inverted to text. "
+                          "Set up keys (lesft keys generate --out DIR; --keys-dir DIR) or pass --insecure.")

@@ -1,0 +1,304 @@
+"""The server role: layers[k:] + norm + head with LoRA, behind the broker.
+
+It registers clients (HELLO, fingerprint check), waits for all of them, then serves
+rounds: FORWARDs of the current round are gathered until every active client has sent
+one or ``--microbatch-wait-ms`` passes; the gathered rows run as one microbatch and each
+client gets only its own slice of dL/dS back. When every client of the round is served
+the round closes (optimiser step at the end of an accumulation window, checkpoint).
+A repeated ``(client, round)`` is the same request: it is answered from the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from lesft import wire
+from lesft.batching import Rows
+from lesft.config import Config
+from lesft.engine import ServerParty, is_step_round, rounds_per_epoch, run_fingerprint
+from lesft.lora import row_keys
+from lesft.methods import get_method
+from lesft.models import resolve
+from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
+from lesft.wire import ErrorCode, Message, MsgType, WireError
+from lesft import checkpoint
+from workers.common import Channel, Inbound, Worker, make_socket, reply_error
+
+_WIRE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class ClientSlot:
+    """What the server knows of one registered client."""
+
+    n_samples: int
+    envelope: list
+    last_seen: float = field(default_factory=time.monotonic)
+    hello_seq: int = 0
+    welcomed: bool = False
+    reply: tuple[int, Message] | None = None  # (round, BACKWARD) for repeated requests
+
+
+@dataclass
+class Request:
+    envelope: list
+    msg: Message
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Server(Worker):
+    role = "server"
+
+    # ------------------------------------------------------------------ setup
+
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        super().__init__(cfg, 0)
+        self.method = get_method(cfg.train.method)
+        self.source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+        self.party = ServerParty(cfg, self.source, self.method, meter=self.meter)
+        self.fingerprint, self.parts = run_fingerprint(cfg, self.source)
+        c = self.source.config
+        self.limits = wire.ModelLimits(hidden_size=int(c.hidden_size), max_length=cfg.data.max_length,
+                                       max_rows=cfg.train.batch_size, vocab_size=int(c.vocab_size))
+        self.expected = cfg.data.clients
+        self.clients: dict[int, ClientSlot] = {}
+        self.rounds: int | None = None
+        self.round = 0
+        self.served: set[int] = set()
+        self.pending: dict[int, dict[int, Request]] = {}
+        self.round_acc: dict[str, float] = {}
+        self.byes: dict[int, tuple[list, int]] = {}
+        self.done_at: float | None = None
+        self.checkpoint_path = self.run_dir / "server-checkpoint.pt"
+        if resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        state = checkpoint.load(self.checkpoint_path)
+        if state is None:
+            self.log.info("no checkpoint at %s: starting from round 0", self.checkpoint_path)
+            return
+        if state["fingerprint"] != self.fingerprint:
+            raise WireError(ErrorCode.FINGERPRINT_MISMATCH,
+                            f"{self.checkpoint_path} was written for a different model/split/LoRA/method")
+        self.party.restore(state["party"])
+        self.round, self.rounds = state["round"], state["rounds"]
+        self.clients = {int(cid): ClientSlot(n, [], welcomed=False) for cid, n in state["clients"].items()}
+        self.log.info("resumed from %s at round %d of %d", self.checkpoint_path, self.round, self.rounds)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        sock = make_socket(self.ctx, zmq.ROUTER, self.cfg, connect=self.cfg.net.broker_backend)
+        limits = wire.Limits(max_total_bytes=self.cfg.net.max_message_mb * 2**20)
+        self.chan = Channel(sock, self.meter, routed=True, limits=limits)
+        self.log.info("%s on %s: layers %d..%d of %d, waiting for %d clients via %s", self.method.label,
+                      self.party.device, self.party.k, self.source.n_layers - 1, self.source.n_layers,
+                      self.expected, self.cfg.net.broker_backend)
+        last_note = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                if self.chan.sock.poll(50):
+                    self.dispatch(self.chan.recv())
+                    while self.chan.sock.poll(0):  # drain what is queued before computing
+                        self.dispatch(self.chan.recv())
+                self.maybe_process()
+                now = time.monotonic()
+                if self.rounds is None and now - last_note > 10:
+                    self._note_waiting()
+                    last_note = now
+                if self.done_at is not None and now - self.done_at > self.cfg.net.done_linger_s:
+                    break
+        finally:
+            self.chan.close()
+            self.finish(rounds=self.rounds, round=self.round, steps=self.party.steps)
+        return 0
+
+    def _note_waiting(self) -> None:
+        missing = sorted(set(range(self.expected)) - set(self.clients))
+        self.log.info("waiting for client(s) %s (%d/%d registered)", ", ".join(map(str, missing)),
+                      len(self.clients), self.expected)
+
+    def reply(self, inbound: Inbound, msg: Message, float_dtype: str | None = None) -> None:
+        self.chan.send(msg, inbound.envelope, float_dtype)
+
+    def dispatch(self, inbound: Inbound) -> None:
+        if inbound.error is not None:
+            reply_error(self.chan, inbound, inbound.error, self.role, self.id, self.run_id, self.log)
+            return
+        msg = inbound.msg
+        try:
+            if msg.run_id != self.run_id:
+                raise WireError(ErrorCode.BAD_FIELD, f"run id {msg.run_id!r} is not this server's {self.run_id!r}: "
+                                                     f"start the client with --run-id {self.run_id}")
+            handler = {MsgType.HELLO: self.on_hello, MsgType.FORWARD: self.on_forward,
+                       MsgType.HEARTBEAT: self.on_heartbeat, MsgType.BYE: self.on_bye}.get(msg.type)
+            if handler is None:
+                raise WireError(ErrorCode.BAD_TYPE, f"the server does not take {msg.type.value} messages")
+            handler(inbound, msg)
+        except WireError as e:
+            self.meter.count(f"rejected.{e.code.value}")
+            reply_error(self.chan, inbound, e, self.role, self.id, self.run_id, self.log)
+
+    # ------------------------------------------------------------------ handlers
+
+    def on_hello(self, inbound: Inbound, msg: Message) -> None:
+        wire.check_hello(msg)
+        cid = msg.meta["client_id"]
+        if cid != msg.sender or cid >= self.expected:
+            raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1} "
+                                                      f"(the server runs --clients {self.expected})")
+        if msg.meta["fingerprint"] != self.fingerprint:
+            theirs = msg.meta.get("parts", {})
+            diff = [f"{k}: client {theirs.get(k)!r} vs server {v!r}" for k, v in self.parts.items()
+                    if theirs.get(k) != v] or ["base model config"]
+            raise WireError(ErrorCode.FINGERPRINT_MISMATCH, f"model mismatch ({'; '.join(diff)}): "
+                                                            "start both sides with the same settings")
+        slot = self.clients.get(cid)
+        if slot is None:
+            slot = self.clients[cid] = ClientSlot(msg.meta["n_samples"], inbound.envelope)
+            self.log.info("client %d registered (%d samples, %d/%d)", cid, slot.n_samples, len(self.clients),
+                          self.expected)
+        elif slot.welcomed and self.rounds is not None:
+            self.log.info("client %d registered again (restarted?): continuing at round %d", cid, self.round)
+        slot.envelope, slot.hello_seq, slot.last_seen = inbound.envelope, msg.seq, time.monotonic()
+        slot.n_samples = msg.meta["n_samples"]
+        if self.rounds is None and len(self.clients) == self.expected:
+            b = self.cfg.train.batch_size
+            self.rounds = self.cfg.train.rounds or self.cfg.train.epochs * max(
+                rounds_per_epoch(s.n_samples, b) for s in self.clients.values())
+            self.log.info("all %d clients registered: %d rounds", self.expected, self.rounds)
+        if self.rounds is not None:
+            for c_id, s in self.clients.items():
+                if s.envelope and (not s.welcomed or c_id == cid):
+                    self.chan.send(self.message(MsgType.WELCOME, -1, s.hello_seq,
+                                                {"rounds": self.rounds, "round": self.round,
+                                                 "clients": self.expected}), s.envelope)
+                    s.welcomed = True
+
+    def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
+        slot = self.clients.get(msg.sender)
+        if slot is not None:
+            slot.last_seen = time.monotonic()
+        self.reply(inbound, self.message(MsgType.HEARTBEAT, msg.round, msg.seq))
+
+    def on_forward(self, inbound: Inbound, msg: Message) -> None:
+        slot = self.clients.get(msg.sender)
+        if slot is None or self.rounds is None:
+            raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client {msg.sender} is not registered: send HELLO first")
+        wire.check_forward(msg, self.limits)
+        slot.last_seen = time.monotonic()
+        if msg.round < self.round or (msg.round == self.round and msg.sender in self.served):
+            if slot.reply is not None and slot.reply[0] == msg.round:
+                self.meter.count("repeated_requests")
+                cached = slot.reply[1]
+                cached.seq = msg.seq
+                self.reply(inbound, cached, _WIRE_NAME.get(msg.tensors["act"].dtype))
+                return
+            raise WireError(ErrorCode.STALE_ROUND, f"round {msg.round} is over (the server is at {self.round})")
+        if msg.round >= self.rounds:
+            raise WireError(ErrorCode.STALE_ROUND, f"round {msg.round} is past the last round {self.rounds - 1}")
+        bucket = self.pending.setdefault(msg.round, {})
+        if msg.sender in bucket:
+            self.meter.count("repeated_requests")
+        bucket[msg.sender] = Request(inbound.envelope, msg)
+
+    def on_bye(self, inbound: Inbound, msg: Message) -> None:
+        self.byes[msg.sender] = (inbound.envelope, msg.seq)
+        if self.rounds is not None and self.round >= self.rounds and len(self.byes) >= self.expected:
+            self.complete_run()
+        elif self.done_at is not None:
+            self.chan.send(self.message(MsgType.DONE, -1, msg.seq), inbound.envelope)
+
+    # ------------------------------------------------------------------ rounds
+
+    def maybe_process(self) -> None:
+        if self.rounds is None or self.round >= self.rounds:
+            return
+        bucket = self.pending.get(self.round, {})
+        waiting = set(self.clients) - self.served
+        ready = sorted(c for c in bucket if c in waiting)
+        if not ready:
+            return
+        first = min(bucket[c].arrived for c in ready)
+        if set(ready) >= waiting or time.monotonic() - first >= self.cfg.net.microbatch_wait_ms / 1000:
+            self.process(ready)
+
+    def process(self, ids: list[int]) -> None:
+        bucket = self.pending[self.round]
+        requests = [bucket.pop(c) for c in ids]
+        seed = self.cfg.train.seed
+        parts = [Rows.from_tensors(q.msg.tensors, row_keys(seed, q.msg.sender, q.msg.round, q.msg.tensors["act"].shape[0]))
+                 for q in requests]
+        res = self.party.process(parts, want_grad=self.method.client_trains)
+        for q, grad, loss, valid in zip(requests, res.grads, res.losses, res.valid_rows):
+            meta = {"loss": loss if loss == loss else 0.0, "valid_rows": valid}
+            reply = self.message(MsgType.BACKWARD, q.msg.round, q.msg.seq, meta,
+                                 {"grad": grad} if grad is not None else {})
+            self.chan.send(reply, q.envelope, _WIRE_NAME.get(q.msg.tensors["act"].dtype))
+            self.clients[q.msg.sender].reply = (q.msg.round, reply)
+            self.served.add(q.msg.sender)
+        self._accumulate(res, len(ids))
+        if self.served >= set(self.clients):
+            self.close_round()
+
+    def _accumulate(self, res, n_clients: int) -> None:
+        acc = self.round_acc
+        rows = sum(res.valid_rows)
+        acc["loss_sum"] = acc.get("loss_sum", 0.0) + sum(l * v for l, v in zip(res.losses, res.valid_rows) if v)
+        acc["rows"] = acc.get("rows", 0) + rows
+        acc["microbatches"] = acc.get("microbatches", 0) + 1
+        tokens = res.stats.get("tokens", 0)
+        acc["tokens"] = acc.get("tokens", 0) + tokens
+        for k, v in res.stats.items():
+            if k.startswith("frac_") or k in ("weight_mean", "nll"):
+                acc[f"{k}_sum"] = acc.get(f"{k}_sum", 0.0) + v * tokens
+
+    def close_round(self) -> None:
+        r = self.round
+        stepped = False
+        if is_step_round(r, self.rounds, self.cfg.train.grad_accum):
+            stepped = self.party.step()
+        acc, self.round_acc = self.round_acc, {}
+        tokens = max(acc.get("tokens", 0), 1)
+        record = {"round": r, "rounds": self.rounds, "loss": acc.get("loss_sum", 0.0) / max(acc.get("rows", 0), 1),
+                  "rows": acc.get("rows", 0), "tokens": acc.get("tokens", 0),
+                  "microbatches": acc.get("microbatches", 0), "stepped": stepped, "wall_s": self.meter.wall_s()}
+        record.update({k[:-4]: v / tokens for k, v in acc.items() if k.endswith("_sum") and k != "loss_sum"})
+        self.record("round", **record)
+        self.log.info("round %d/%d loss %.4f (%d microbatch%s)%s", r + 1, self.rounds, record["loss"],
+                      record["microbatches"], "es" if record["microbatches"] > 1 else "", " step" if stepped else "")
+        self.round += 1
+        self.served = set()
+        self.pending.pop(r, None)
+        every = self.cfg.net.checkpoint_every
+        if (every and self.round % every == 0) or self.round == self.rounds:
+            self.save_checkpoint()
+        if self.round >= self.rounds and len(self.byes) >= self.expected:
+            self.complete_run()
+
+    def save_checkpoint(self) -> None:
+        with self.meter.phase("checkpoint"):
+            checkpoint.save(self.checkpoint_path, {
+                "fingerprint": self.fingerprint, "party": self.party.state(), "round": self.round,
+                "rounds": self.rounds, "clients": {cid: s.n_samples for cid, s in self.clients.items()}})
+
+    def complete_run(self) -> None:
+        """All rounds served and every client said BYE: save, combine, answer DONE."""
+        if self.done_at is None:
+            from lesft import lora
+
+            lora.save_adapters(self.party.adapters(), self.run_dir / SERVER_FILE,
+                               adapter_meta(self.cfg, self.source, self.method))
+            try:
+                written = combine_run(self.run_dir, self.cfg, self.source, self.method)
+                self.log.info("run complete: combined adapter at %s", written[0])
+            except ValueError as e:  # the other side's files are on another machine
+                self.log.info("run complete; not combined here (%s): run `lesft combine --run %s`", e, self.run_dir)
+            self.done_at = time.monotonic()
+        for cid, (envelope, seq) in self.byes.items():
+            self.chan.send(self.message(MsgType.DONE, -1, seq), envelope)
