@@ -56,7 +56,7 @@ def adapter_settings(folder: str | Path) -> tuple[LoraSettings, list[int] | None
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise AdapterError(f"{path} is not valid JSON ({e}): re-export the adapter.") from None
-    for flag in ("use_dora", "use_rslora"):
+    for flag in ("use_dora", "use_rslora", "lora_bias"):
         if cfg.get(flag):
             raise AdapterError(f"{path}: {flag}=true is not supported; lesft adapters are plain LoRA.")
     for pattern in ("rank_pattern", "alpha_pattern"):

@@ -164,7 +164,7 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
         if on_round:
             on_round(record, rounds)
     server_ad = server.adapters() if server is not None else None
-    if method.aggregate:
+    if method.aggregate or method.centralized:
         client_ad = {-1: clients[0].adapters()}
     elif method.client_trains:
         client_ad = {c.client_id: c.adapters() for c in clients}

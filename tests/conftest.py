@@ -13,15 +13,6 @@ import torch
 TINY_ARCHS = ("tiny-qwen2", "tiny-llama", "tiny-mistral")
 
 
-@pytest.fixture(autouse=True)
-def _no_lesft_env(monkeypatch):
-    """Tests never see the caller's LESFT_* settings."""
-    import os
-
-    for name in [k for k in os.environ if k.startswith("LESFT_")]:
-        monkeypatch.delenv(name)
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     from lesft.models import local_tokenizer

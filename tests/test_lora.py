@@ -346,3 +346,25 @@ def test_no_dropout_in_train_mode_equals_eval_mode(dropout_model, with_keys):
 
     # Assert
     assert torch.equal(train_out, eval_out)
+
+
+def test_keyed_dropout_masks_are_the_same_in_the_split_and_the_full_model(qwen):
+    # Prepare: the same adapters and keys, dropout on, both in train mode
+    settings = LoraSettings(lora_dropout=0.5)
+    full = with_lora(FullModel(qwen), settings)
+    adapters = random_adapters(lora.get_adapters(full), seed=12, scale=0.3)
+    lora.set_adapters(full, adapters)
+    client, server = load_split(qwen, 0.5)
+    with_lora(client, settings), with_lora(server, settings)
+    lora.set_adapters(client, {k: v for k, v in adapters.items() if int(k.split(".")[1]) < client.k})
+    lora.set_adapters(server, {k: v for k, v in adapters.items() if int(k.split(".")[1]) >= client.k})
+    ids, mask = rows_of([ROW, OTHER_A])
+    keys = torch.tensor([KEY, KEY_A])
+
+    # Execute
+    with torch.no_grad(), lora.dropout_rows(keys):
+        expected = full.train()(ids, mask)
+        got = server.train()(client.train()(ids, mask), mask)
+
+    # Assert
+    assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=0)

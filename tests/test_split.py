@@ -277,3 +277,49 @@ def test_single_layer_model(tmp_path):
 
 def test_unknown_preset():
     assert "arch:tiny-qwen2" in one_line_model_error("arch:no-such-preset")
+
+
+def test_malformed_config_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    one_line_model_error(str(tmp_path))
+
+
+def test_config_without_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    one_line_model_error(str(tmp_path))
+
+
+def test_folder_without_weights(tmp_path, tiny_folders):
+    (tmp_path / "config.json").write_text((tiny_folders["tiny-llama"] / "config.json").read_text())
+    assert "weights" in one_line_model_error(str(tmp_path))
+
+
+def test_weights_that_do_not_match_the_config(tmp_path, tiny_folders):
+    # Prepare: the weights of tiny-llama under a config with a wider MLP
+    import shutil
+
+    shutil.copytree(tiny_folders["tiny-llama"], tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
+    source = resolve(str(tmp_path / "m"))
+
+    # Execute / Assert
+    with pytest.raises(ModelError) as info:
+        load_split(source, 0.5)
+    assert "shape" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_folder_without_tokenizer(tmp_path, tiny_folders):
+    import shutil
+
+    shutil.copytree(tiny_folders["tiny-llama"], tmp_path / "m",
+                    ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    source = resolve(str(tmp_path / "m"))
+    with pytest.raises(ModelError) as info:
+        source.load_tokenizer()
+    assert "tokenizer" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_folder_tokenizer_pads_on_the_right(tiny_folders):
+    tok = resolve(str(tiny_folders["tiny-qwen2"])).load_tokenizer()
+    assert tok.pad_token_id is not None and tok.padding_side == "right"

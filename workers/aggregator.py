@@ -20,6 +20,7 @@ from lesft.config import Config
 from lesft.lora import save_adapters
 from lesft.trainer import GLOBAL_CLIENT_FILE
 from lesft.wire import ErrorCode, Message, MsgType, WireError
+from workers import security
 from workers.common import Channel, Inbound, Worker, make_socket, reply_error
 
 
@@ -76,6 +77,8 @@ class Aggregator(Worker):
                        MsgType.BYE: self.on_bye, MsgType.HEARTBEAT: self.on_heartbeat}.get(msg.type)
             if handler is None:
                 raise WireError(ErrorCode.BAD_TYPE, f"the aggregator does not take {msg.type.value} messages")
+            if msg.role == "client":
+                security.authorise(inbound.envelope, msg.sender, self.cfg)
             handler(inbound, msg)
         except WireError as e:
             self.meter.count(f"rejected.{e.code.value}")
@@ -95,7 +98,8 @@ class Aggregator(Worker):
         self.ack(inbound, msg)
 
     def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
-        self.router.send(self.message(MsgType.HEARTBEAT, msg.round, msg.seq), inbound.envelope)
+        # the aggregator answers every request at once, so a waiting client lost it: resend
+        self.router.send(self.message(MsgType.HEARTBEAT, msg.round, msg.seq, {"have": False}), inbound.envelope)
 
     def on_upload(self, inbound: Inbound, msg: Message) -> None:
         if msg.sender not in self.registered:

@@ -200,7 +200,7 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
         chan = peer.channel()
         chan.send(msg, float_dtype=float_dtype)
         sent_at = peer.last_heard = time.monotonic()
-        next_beat = sent_at + cfg.net.heartbeat_s
+        next_beat = sent_at + min(cfg.net.heartbeat_s, 1.0)
         while True:
             if stop.is_set():
                 raise WorkerError(f"stopped while waiting for {peer.name} ({what})")
@@ -212,6 +212,9 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
                     log.warning("dropped a malformed reply from %s: %s", peer.name, inbound.error)
                     continue
                 if got.type == MsgType.HEARTBEAT:
+                    if (got.round, got.seq) == (msg.round, msg.seq) and got.meta.get("have") is False:
+                        peer.meter.count(f"resent.{peer.name}")
+                        break  # the peer does not hold our request: send it again
                     continue
                 if got.round != msg.round or got.seq != msg.seq:
                     if on_other is not None:

@@ -39,9 +39,11 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
 
             code = Broker(cfg).run()
         elif role == "server":
-            from workers.server import Server
+            from lesft.methods import get_method
+            from workers.server import CentralizedServer, Server
 
-            code = Server(cfg, resume=resume).run()
+            server = CentralizedServer(cfg) if get_method(cfg.train.method).centralized else Server(cfg, resume=resume)
+            code = server.run()
         elif role == "aggregator":
             from workers.aggregator import Aggregator
 

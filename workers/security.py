@@ -40,3 +40,13 @@ def configure(sock: zmq.Socket, cfg: Config, *, address: str | None, serving: bo
     if address and not is_loopback(address) and not cfg.net.insecure:
         raise ConfigError(f"refusing plaintext TCP on {address}: activations can be inverted to text. "
                           "Set up keys (lesft keys generate --out DIR; --keys-dir DIR) or pass --insecure.")
+
+
+def authorise(envelope: list, sender: int, cfg: Config) -> None:
+    """Check that a message claiming to come from client ``sender`` was sent with that
+    client's key. Without CurveZMQ there is nothing to check (loopback/insecure runs).
+    Raises ``WireError(UNAUTHORISED)`` on a mismatch."""
+    if cfg.net.keys_dir:
+        from workers import curve
+
+        curve.authorise(envelope, sender, cfg)

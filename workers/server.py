@@ -10,6 +10,7 @@ A repeated ``(client, round)`` is the same request: it is answered from the cach
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from lesft.models import resolve
 from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
+from workers import security
 from workers.common import Channel, Inbound, Worker, make_socket, reply_error
 
 _WIRE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -40,7 +42,7 @@ class ClientSlot:
     last_seen: float = field(default_factory=time.monotonic)
     hello_seq: int = 0
     welcomed: bool = False
-    reply: tuple[int, Message] | None = None  # (round, BACKWARD) for repeated requests
+    reply: tuple[int, Message, torch.dtype] | None = None  # (round, BACKWARD, wire dtype) for repeats
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Server(Worker):
         self.method = get_method(cfg.train.method)
         self.source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
         self.party = ServerParty(cfg, self.source, self.method, meter=self.meter)
+        self.meter.device = str(self.party.device)
         self.fingerprint, self.parts = run_fingerprint(cfg, self.source)
         c = self.source.config
         self.limits = wire.ModelLimits(hidden_size=int(c.hidden_size), max_length=cfg.data.max_length,
@@ -139,6 +142,8 @@ class Server(Worker):
                        MsgType.HEARTBEAT: self.on_heartbeat, MsgType.BYE: self.on_bye}.get(msg.type)
             if handler is None:
                 raise WireError(ErrorCode.BAD_TYPE, f"the server does not take {msg.type.value} messages")
+            if msg.role == "client":
+                security.authorise(inbound.envelope, msg.sender, self.cfg)
             handler(inbound, msg)
         except WireError as e:
             self.meter.count(f"rejected.{e.code.value}")
@@ -175,16 +180,35 @@ class Server(Worker):
         if self.rounds is not None:
             for c_id, s in self.clients.items():
                 if s.envelope and (not s.welcomed or c_id == cid):
-                    self.chan.send(self.message(MsgType.WELCOME, -1, s.hello_seq,
-                                                {"rounds": self.rounds, "round": self.round,
-                                                 "clients": self.expected}), s.envelope)
-                    s.welcomed = True
+                    self._welcome(c_id, s)
+
+    def _welcome(self, cid: int, slot: ClientSlot) -> None:
+        meta = {"rounds": self.rounds, "round": self.round, "clients": self.expected}
+        self.chan.send(self.message(MsgType.WELCOME, -1, slot.hello_seq, meta), slot.envelope)
+        slot.welcomed = True
 
     def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
+        """Answer a waiting client: ``have`` says whether its request (round, seq) is held
+        here; a request that was lost on the way (broker restart, no server yet) is then
+        sent again. A reply that was lost is sent again from the cache."""
         slot = self.clients.get(msg.sender)
+        have = False
         if slot is not None:
             slot.last_seen = time.monotonic()
-        self.reply(inbound, self.message(MsgType.HEARTBEAT, msg.round, msg.seq))
+            if msg.round == -1 and slot.hello_seq == msg.seq:
+                have = True
+                if slot.welcomed:
+                    self._welcome(msg.sender, slot)
+            elif slot.reply is not None and slot.reply[0] == msg.round and slot.reply[1].seq == msg.seq:
+                have = True
+                self.chan.send(slot.reply[1], inbound.envelope, _WIRE_NAME.get(slot.reply[2]))
+            else:
+                req = self.pending.get(msg.round, {}).get(msg.sender)
+                bye = self.byes.get(msg.sender)
+                have = (req is not None and req.msg.seq == msg.seq) or (bye is not None and bye[1] == msg.seq)
+                if bye is not None and have:
+                    self.byes[msg.sender] = (inbound.envelope, msg.seq)
+        self.reply(inbound, self.message(MsgType.HEARTBEAT, msg.round, msg.seq, {"have": have}))
 
     def on_forward(self, inbound: Inbound, msg: Message) -> None:
         slot = self.clients.get(msg.sender)
@@ -240,7 +264,7 @@ class Server(Worker):
             reply = self.message(MsgType.BACKWARD, q.msg.round, q.msg.seq, meta,
                                  {"grad": grad} if grad is not None else {})
             self.chan.send(reply, q.envelope, _WIRE_NAME.get(q.msg.tensors["act"].dtype))
-            self.clients[q.msg.sender].reply = (q.msg.round, reply)
+            self.clients[q.msg.sender].reply = (q.msg.round, reply, q.msg.tensors["act"].dtype)
             self.served.add(q.msg.sender)
         self._accumulate(res, len(ids))
         if self.served >= set(self.clients):
@@ -302,3 +326,42 @@ class Server(Worker):
             self.done_at = time.monotonic()
         for cid, (envelope, seq) in self.byes.items():
             self.chan.send(self.message(MsgType.DONE, -1, seq), envelope)
+
+
+class CentralizedServer(Worker):
+    """Centralized SFT: the server alone trains the whole model on all clients' data."""
+
+    role = "server"
+
+    def __init__(self, cfg: Config) -> None:
+        from lesft.engine import ClientParty
+        from lesft.trainer import client_shards, party_layout
+
+        super().__init__(cfg, 0)
+        self.method = get_method(cfg.train.method)
+        self.source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+        shards, batch_size = party_layout(self.method, cfg, client_shards(cfg))
+        centralized = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, client_device=cfg.train.device))
+        self.party = ClientParty(centralized, self.source, self.method, 0, shards[0], self.source.load_tokenizer(),
+                                 batch_size=batch_size, meter=self.meter)
+        self.meter.device = str(self.party.device)
+
+    def run(self) -> int:
+        from lesft.engine import total_rounds
+        from lesft.trainer import final_outputs
+
+        rounds = total_rounds(self.cfg, [self.party.n_samples], self.party.batch_size)
+        self.log.info("%s on %s: %d examples, %d rounds", self.method.label, self.party.device,
+                      self.party.n_samples, rounds)
+        try:
+            for r in range(rounds):
+                if self.stop.is_set():
+                    return 0
+                tl = self.party.local_step(r)
+                stepped = is_step_round(r, rounds, self.cfg.train.grad_accum) and self.party.step()
+                self.record("round", round=r, rounds=rounds, loss=float(tl.loss.detach()), stepped=stepped,
+                            wall_s=self.meter.wall_s(), **tl.stats)
+            final_outputs(self.run_dir, self.cfg, self.source, self.method, None, {-1: self.party.adapters()})
+        finally:
+            self.finish()
+        return 0
