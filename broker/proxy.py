@@ -4,6 +4,11 @@ It forwards whole multipart messages both ways without decoding them, so no cont
 crash it; it counts messages and bytes per direction and stops cleanly on SIGTERM. The
 adapter broadcast does not pass here: the aggregator publishes on its own PUB socket
 (it belongs to another organisation than the server, paper sec. 3.2).
+
+With CurveZMQ (``--keys-dir``) it is also where a client's identity is fixed: the ZAP
+User-Id of a frontend message (``client-<i>``, from the key that sent it) goes to the
+server as one envelope frame ``lesft-user:client-<i>`` (any frame of that prefix a
+client put there is dropped first), and that frame is removed from replies.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 import zmq
 
 from lesft.config import Config
+from workers import curve
 from workers.common import Worker, frames_bytes, make_socket
 
 
@@ -55,8 +61,22 @@ class Broker(Worker):
                 return
             n = frames_bytes(frames)
             self.meter.received(direction, n)
+            frames = self._identify(frames) if direction == "to_server" else curve.strip_stamps(frames, 1)
+            if frames is None:
+                self.meter.count(f"dropped.{direction}")
+                continue
             try:
                 dst.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 self.meter.sent(direction, n)
             except zmq.Again:  # no server connected yet / peer gone: the client will retry
                 self.meter.count(f"dropped.{direction}")
+
+    def _identify(self, frames: list) -> list | None:
+        """Stamp a client's message with the id its CurveZMQ key proves (None: drop it)."""
+        if not self.cfg.net.keys_dir:
+            return curve.stamp(frames, None)
+        user = curve.frame_user_id(frames[0])
+        if user is None or not curve.CLIENT_NAME.match(user):
+            self.meter.count("unauthenticated")
+            return None
+        return curve.stamp(frames, user)

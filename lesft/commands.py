@@ -5,3 +5,4 @@ Each attaches itself to :data:`lesft.cli.app`.
 
 from __future__ import annotations
 from lesft import commands_eval  # noqa: E402,F401
+from lesft import commands_keys  # noqa: E402,F401

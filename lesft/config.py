@@ -170,7 +170,9 @@ class NetConfig:
     retries: int = field(default=5, metadata={"help": "client retries of one request"})
     heartbeat_s: float = field(default=2.0, metadata={"help": "heartbeat interval"})
     register_timeout_s: float = field(default=600.0, metadata={"help": "longest the server waits for all clients to register"})
-    checkpoint_every: int = field(default=0, metadata={"help": "server checkpoint period in rounds (0: only at the end)"})
+    checkpoint_every: int = field(default=1, metadata={"help": "server checkpoint period in rounds (0: only at the end; 1 resumes exactly)"})
+    straggler_timeout_s: float = field(default=0.0, metadata={"help": "close a round without clients that have not sent within this time (0: wait for all)"})
+    min_clients: int = field(default=0, metadata={"help": "fewest clients a round or an aggregation may proceed with (0: all)"})
     max_message_mb: int = field(default=512, metadata={"help": "largest message accepted (ZMQ_MAXMSGSIZE)"})
     keys_dir: str = field(default="", metadata={"help": "CurveZMQ keys folder (lesft keys generate); empty: plaintext"})
     insecure: bool = field(default=False, metadata={"help": "allow plaintext TCP to a non-loopback address"})
@@ -182,6 +184,9 @@ class NetConfig:
         _positive("request_timeout_s", self.request_timeout_s)
         _positive("retries", self.retries, zero_ok=True)
         _positive("max_message_mb", self.max_message_mb)
+        _positive("straggler_timeout_s", self.straggler_timeout_s, zero_ok=True)
+        _positive("min_clients", self.min_clients, zero_ok=True)
+        _positive("checkpoint_every", self.checkpoint_every, zero_ok=True)
 
 
 @dataclass

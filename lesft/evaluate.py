@@ -125,59 +125,139 @@ def _eos_ids(model: FullModel, tokenizer) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-@torch.no_grad()
-def _greedy(model: FullModel, rows: Sequence[Sequence[int]], max_new_tokens: int, eos: set[int], pad_id: int,
-            stop: Callable[[list[int]], bool] | None) -> list[list[int]]:
-    """Greedy continuations (token ids, EOS excluded) of one left-padded batch of prompts."""
+@dataclass
+class _Running:
+    """The rows being decoded: prompt index per row, their KV cache, ``mask [b, T]``, the
+    position of the next token ``[b, 1]`` and the logits that choose it ``[b, V]``."""
+
+    index: list[int]
+    cache: object
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    logits: torch.Tensor
+
+
+def _cache_arg(lm) -> str:
+    # transformers 5.x renamed ``past_key_values`` to ``cache``
+    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+
+
+def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer ``(keys, values)`` ``[b, heads, T, dim]`` of a plain full-attention cache,
+    or None where rows cannot be moved between caches (sliding-window layers, other layouts)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def _prefill(lm, prompts: Sequence[Sequence[int]], index: list[int], pad_id: int) -> _Running:
+    """Run left-padded prompts through the model; the logits of their first new token."""
     from transformers import DynamicCache
 
-    lm = model.lm
     dev = next(lm.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
+    width = max(len(r) for r in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, r in enumerate(prompts):
         ids[b, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
         mask[b, width - len(r):] = 1
     ids, mask = ids.to(dev), mask.to(dev)
     pos = position_ids(mask)
     cache = DynamicCache(config=lm.config)
-    # transformers 5.x renamed ``past_key_values`` to ``cache``
-    cache_kw = {"cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values": cache}
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kw)
-    nxt_pos = pos[:, -1:] + 1
-    active = list(range(len(rows)))  # batch row -> prompt index
-    generated: list[list[int]] = [[] for _ in rows]
-    while True:
-        tokens = out.logits[:, -1].argmax(dim=-1)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+             **{_cache_arg(lm): cache})
+    return _Running(index, cache, mask, pos[:, -1:] + 1, out.logits[:, -1])
+
+
+def _select(run: _Running, keep: list[int]) -> _Running:
+    """Only the rows ``keep``, without the left columns none of them uses any more."""
+    from transformers import DynamicCache
+
+    sel = torch.tensor(keep, device=run.mask.device)
+    mask = run.mask[sel]
+    kv = _kv(run.cache)
+    if kv is None:
+        run.cache.batch_select_indices(sel)
+        cache, start = run.cache, 0
+    else:
+        start = int(mask.any(dim=0).int().argmax())
+        cache = DynamicCache(ddp_cache_data=[(k[sel, :, start:], v[sel, :, start:]) for k, v in kv])
+    return _Running([run.index[j] for j in keep], cache, mask[:, start:], run.next_pos[sel], run.logits[sel])
+
+
+def _concat(a: _Running, b: _Running) -> _Running:
+    """Both sets of rows in one batch: the narrower cache is left padded (masked out)."""
+    from transformers import DynamicCache
+
+    width = max(a.mask.shape[1], b.mask.shape[1])
+
+    def left(t: torch.Tensor, dim: int) -> torch.Tensor:
+        pad = [0, 0] * (t.dim() - 1 - dim) + [width - t.shape[dim], 0]  # F.pad counts from the last dim
+        return torch.nn.functional.pad(t, pad)
+
+    kv = [(torch.cat([left(ka, 2), left(kb, 2)]), torch.cat([left(va, 2), left(vb, 2)]))
+          for (ka, va), (kb, vb) in zip(_kv(a.cache), _kv(b.cache))]
+    return _Running(a.index + b.index, DynamicCache(ddp_cache_data=kv), torch.cat([left(a.mask, 1), left(b.mask, 1)]),
+                    torch.cat([a.next_pos, b.next_pos]), torch.cat([a.logits, b.logits]))
+
+
+@torch.no_grad()
+def _greedy(lm, prompts: Sequence[Sequence[int]], order: list[int], batch_size: int, max_new_tokens: int,
+            eos: set[int], pad_id: int, stop: Callable[[list[int]], bool] | None,
+            on_done: Callable[[int, list[int]], None]) -> list[list[int]]:
+    """Greedy continuations (token ids, EOS excluded) with continuous batching.
+
+    Prompts enter in ``order``; when a quarter of the ``batch_size`` slots are free, the
+    next prompts are prefilled and join the running batch, so one long answer does not
+    hold finished slots idle. Where the cache layout does not allow moving rows, a new
+    group starts only when the batch is empty.
+    """
+    queue = list(reversed(order))
+    generated: list[list[int]] = [[] for _ in prompts]
+    run: _Running | None = None
+    refill_at = max(1, batch_size // 4)
+    while queue or run is not None:
+        free = batch_size - (len(run.index) if run is not None else 0)
+        if queue and (run is None or (free >= refill_at and _kv(run.cache) is not None)):
+            group = [queue.pop() for _ in range(min(free, len(queue)))]
+            new = _prefill(lm, [prompts[i] for i in group], group, pad_id)
+            run = new if run is None else _concat(run, new)
+        tokens = run.logits.argmax(dim=-1)
         keep = []
         for j, t in enumerate(tokens.tolist()):
-            row = generated[active[j]]
-            if t in eos:
-                continue
-            row.append(t)
-            if len(row) < max_new_tokens and not (stop is not None and stop(row)):
+            row = generated[run.index[j]]
+            if t not in eos:
+                row.append(t)
+            if t in eos or len(row) >= max_new_tokens or (stop is not None and stop(row)):
+                on_done(run.index[j], row)
+            else:
                 keep.append(j)
         if not keep:
-            return generated
-        if len(keep) < len(active):
-            sel = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(sel)
-            tokens, mask, nxt_pos = tokens[sel], mask[sel], nxt_pos[sel]
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        out = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=nxt_pos, use_cache=True, **cache_kw)
-        nxt_pos = nxt_pos + 1
+            run = None
+            continue
+        if len(keep) < len(run.index):
+            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            run = _select(run, keep)
+        run.mask = torch.cat([run.mask, run.mask.new_ones((len(keep), 1))], dim=1)
+        out = lm(input_ids=tokens[:, None], attention_mask=run.mask, position_ids=run.next_pos, use_cache=True,
+                 **{_cache_arg(lm): run.cache})
+        run.logits, run.next_pos = out.logits[:, -1], run.next_pos + 1
+    return generated
 
 
 def generate(model: FullModel, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
-             stop_at_newline_question: bool = True, stats: dict | None = None) -> list[str]:
+             stop_at_newline_question: bool = True, stats: dict | None = None,
+             on_output: Callable[[int, str], None] | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens skipped, raw text).
 
-    Prompts are grouped by token length into batches of ``batch_size``; the outputs come
+    Up to ``batch_size`` prompts decode together, longest prompts first; the outputs come
     back in the order of ``prompts``. Prompts longer than the model's positions allow
-    (with room for ``max_new_tokens``) lose their left end. ``stats``, when given, gets
-    ``new_tokens`` (per prompt) and ``seconds``.
+    (with room for ``max_new_tokens``) lose their left end. ``on_output(i, text)`` is
+    called as each prompt finishes; ``stats``, when given, gets ``new_tokens`` (per
+    prompt) and ``seconds``.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must both be >= 1")
@@ -188,28 +268,26 @@ def generate(model: FullModel, tokenizer, prompts: list[str], max_new_tokens: in
         room = max(1, int(max_pos) - max_new_tokens)
         encoded = [e[-room:] for e in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer)
 
     def stop(row: list[int]) -> bool:
         return _restarted(tokenizer.decode(row, skip_special_tokens=True))
 
+    def done(i: int, row: list[int]) -> None:
+        if on_output is not None:
+            on_output(i, tokenizer.decode(row, skip_special_tokens=True))
+
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    out_ids: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
-        for s in range(0, len(order), batch_size):
-            chunk = order[s:s + batch_size]
-            rows = _greedy(model, [encoded[i] for i in chunk], max_new_tokens, eos, pad_id,
-                           stop if stop_at_newline_question else None)
-            for i, r in zip(chunk, rows):
-                out_ids[i] = r
+        ids = _greedy(model.lm, encoded, order, batch_size, max_new_tokens, _eos_ids(model, tokenizer), pad_id,
+                      stop if stop_at_newline_question else None, done) if prompts else []
     finally:
         model.train(was_training)
     if stats is not None:
-        stats["new_tokens"] = [len(r) for r in out_ids]
+        stats["new_tokens"] = [len(r) for r in ids]
         stats["seconds"] = time.perf_counter() - start
-    return [tokenizer.decode(r, skip_special_tokens=True) for r in out_ids]
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -244,7 +322,7 @@ def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_token
              progress: Callable[[int, int, int], None] | None = None) -> EvalResult:
     """Greedy answers to ``examples`` (one dataset), scored with :mod:`lesft.answers`.
 
-    ``progress(done, total, correct_so_far)`` is called after every batch. Records keep
+    ``progress(done, total, correct_so_far)`` is called as answers finish. Records keep
     the order of ``examples``.
     """
     if not examples:
@@ -254,31 +332,29 @@ def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_token
         raise DataError(f"evaluate one dataset at a time (got {', '.join(sorted(datasets))}).")
     dataset = examples[0].dataset
     start = time.perf_counter()
-    # similar prompt lengths share a batch: less padding
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].x))
-    records: list[dict | None] = [None] * len(examples)
-    done = correct = new_tokens = 0
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        stats: dict = {}
-        outputs = generate(model, tokenizer, [examples[i].x for i in chunk], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, stats=stats)
-        counts = stats.get("new_tokens") or [0] * len(chunk)
-        for i, text, n_tok in zip(chunk, outputs, counts):
-            ex = examples[i]
-            pred = extract_answer(text, dataset)
-            ok = is_correct(pred, ex.answer, dataset)
-            records[i] = dict(uid=ex.uid, kind=ex.kind, prompt=ex.x, output=text, extracted=pred, gold=ex.answer,
-                              correct=ok, new_tokens=n_tok)
-            correct += ok
-            new_tokens += n_tok
-        done += len(chunk)
+    tally = {"done": 0, "correct": 0}
+
+    def on_output(i: int, text: str) -> None:
+        tally["done"] += 1
+        tally["correct"] += is_correct(extract_answer(text, dataset), examples[i].answer, dataset)
         if progress is not None:
-            progress(done, len(examples), correct)
-    n = len(examples)
+            progress(tally["done"], len(examples), tally["correct"])
+
+    stats: dict = {}
+    outputs = generate(model, tokenizer, [ex.x for ex in examples], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, stats=stats, on_output=on_output)
+    counts = stats.get("new_tokens") or [0] * len(examples)
+    records = []
+    for ex, text, n_tok in zip(examples, outputs, counts):
+        pred = extract_answer(text, dataset)
+        records.append(dict(uid=ex.uid, kind=ex.kind, prompt=ex.x, output=text, extracted=pred, gold=ex.answer,
+                            correct=is_correct(pred, ex.answer, dataset), new_tokens=n_tok))
+    n, correct = len(records), sum(r["correct"] for r in records)
+    if progress is not None:
+        progress(n, n, correct)
     lo, hi = wilson_interval(correct, n)
     return EvalResult(dataset=dataset, n=n, correct=correct, accuracy=correct / n, ci_low=lo, ci_high=hi,
-                      records=records, new_tokens=new_tokens, seconds=time.perf_counter() - start)
+                      records=records, new_tokens=sum(counts), seconds=time.perf_counter() - start)
 
 
 def _atomic_write(path: Path, text: str) -> Path:

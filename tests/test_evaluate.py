@@ -108,6 +108,27 @@ def test_left_padding_does_not_change_a_row(sharp_source, tok, examples):
     assert padded == ev.generate(model, tok, prompts, max_new_tokens=15, batch_size=1)
 
 
+def test_rows_joining_a_running_batch_match_the_reference(sharp_source, tok, monkeypatch):
+    """Rows end at different steps, so new prompts join a running batch (cache merges)."""
+    model = ev.load_for_eval(sharp_source, None, dtype=torch.float64)
+    prompts = [ex.x for ex in load_examples("synthetic", "test", n=8, seed=1)]
+    free = [reference_greedy(model, tok, p, 16) for p in prompts]
+    # an end token that stops some rows, at different steps, and not the others
+    rows_with = {t: sum(t in r for r in free) for r in free for t in r}
+    eos = max((t for t, k in rows_with.items() if k < len(prompts)), key=rows_with.get)
+    assert 0 < sum(eos in r for r in free) < len(prompts)
+    model.lm.generation_config.eos_token_id = eos
+    merges = []
+    concat = ev._concat
+    monkeypatch.setattr(ev, "_concat", lambda a, b: merges.append(1) or concat(a, b))
+
+    got = ev.generate(model, tok, prompts, max_new_tokens=16, batch_size=3, stop_at_newline_question=False)
+
+    assert merges, "no prompt joined a running batch"
+    want = [tok.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True) for r in free]
+    assert got == want
+
+
 def test_generation_stops_a_row_at_eos(sharp_source, tok, examples):
     model = ev.load_for_eval(sharp_source, None, dtype=torch.float64)
     prompts = prompts_of(examples)[:2]
@@ -219,9 +240,11 @@ def test_evaluate_scores_known_outputs(monkeypatch, examples):
                exs[1].x: f" The answer is {exs[1].answer}.",
                exs[2].x: " I do not know."}
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=8, stats=None, **_):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=8, stats=None, on_output=None, **_):
         if stats is not None:
             stats["new_tokens"] = [len(replies[p].split()) for p in prompts]
+        for i, p in enumerate(prompts):
+            on_output(i, replies[p])
         return [replies[p] for p in prompts]
 
     monkeypatch.setattr(ev, "generate", fake_generate)
@@ -238,7 +261,7 @@ def test_evaluate_scores_known_outputs(monkeypatch, examples):
     assert first["output"] == replies[exs[0].x]  # raw text kept; the cut is only for extraction
     assert (first["extracted"], first["gold"], first["correct"]) == (exs[0].answer, exs[0].answer, True)
     assert result.records[2]["extracted"] is None and result.records[2]["correct"] is False
-    assert calls[-1] == (3, 3, 2) and len(calls) == 2
+    assert calls[-1] == (3, 3, 2)
     assert result.new_tokens == sum(r["new_tokens"] for r in result.records)
 
 

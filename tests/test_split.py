@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 from conftest import TINY_ARCHS, padded_batch
 from lesft.models import ModelError, resolve
-from lesft.split import ClientModel, FullModel, ServerModel, fingerprint, load_split, split_point
+from lesft.split import ClientModel, FullModel, ServerModel, fingerprint, load_split, position_ids, split_point
 
 RATIOS = (0.25, 0.5, 0.75)
 LENGTHS = [9, 5, 7]  # three rows, two of them padded
@@ -81,6 +81,12 @@ def test_left_and_right_padding_give_the_same_real_logits(arch):
 
     # Assert
     assert_close(left[left_mask.bool()], right[right_mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_position_ids_count_real_tokens_only():
+    # RoPE hides a constant offset in the logits, so pin the numbers themselves
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 # --------------------------------------------------------------------------- split point

@@ -36,6 +36,8 @@ class Aggregator(Worker):
         self.latest: Message | None = None
         self.byes: set[int] = set()
         self.done_at: float | None = None
+        self.deadlines: dict[int, float] = {}  # round -> when its first upload arrived
+        self.failed: dict[int, str] = {}
 
     def run(self) -> int:
         net = self.cfg.net
@@ -52,6 +54,7 @@ class Aggregator(Worker):
                 if self.router.sock.poll(50):
                     self.dispatch(self.router.recv())
                 now = time.monotonic()
+                self.check_stragglers(now)
                 if now >= next_beat:
                     # fast beats while subscribers are still joining
                     self.pub.send(self.message(MsgType.HEARTBEAT))
@@ -109,7 +112,10 @@ class Aggregator(Worker):
             # already aggregated (a retried upload): the answer is the broadcast
             self.ack(inbound, msg, aggregated=True)
             return
+        if msg.round in self.failed:
+            raise WireError(ErrorCode.STALE_ROUND, self.failed[msg.round])
         bucket = self.uploads.setdefault(msg.round, {})
+        self.deadlines.setdefault(msg.round, time.monotonic())
         bucket[msg.sender] = ({k: v.clone() for k, v in msg.tensors.items()}, msg.meta["n_samples"])
         if self.schema is None:
             self.schema = {k: tuple(v.shape) for k, v in msg.tensors.items()}
@@ -117,7 +123,34 @@ class Aggregator(Worker):
         if set(bucket) >= set(self.registered) and len(bucket) >= self.expected:
             self.aggregate(msg.round)
 
+    def check_stragglers(self, now: float) -> None:
+        """With --straggler-timeout: average the uploads present (reweighted over them) once
+        the round has waited long enough; with fewer than --min-clients, fail the round."""
+        timeout = self.cfg.net.straggler_timeout_s
+        if not timeout:
+            return
+        need = self.cfg.net.min_clients or self.expected
+        for r, started in list(self.deadlines.items()):
+            bucket = self.uploads.get(r, {})
+            waited = now - started
+            if waited < timeout or not bucket:
+                continue
+            if len(bucket) >= need:
+                missing = sorted(set(self.registered) - set(bucket))
+                self.log.warning("round %d: averaging %d clients without %s (nothing within %.0fs)", r,
+                                 len(bucket), missing, waited)
+                self.meter.count("stragglers_dropped", len(missing))
+                self.aggregate(r)
+            elif waited > 3 * timeout:
+                self.failed[r] = (f"aggregation of round {r} failed: {len(bucket)} of the required {need} clients "
+                                  f"uploaded within {waited:.0f}s (--min-clients {need})")
+                self.log.error(self.failed[r])
+                self.meter.count("failed_rounds")
+                self.uploads.pop(r, None)
+                self.deadlines.pop(r, None)
+
     def aggregate(self, r: int) -> None:
+        self.deadlines.pop(r, None)
         bucket = self.uploads.pop(r)
         with self.meter.phase("aggregate"):
             avg = fedavg([bucket[cid] for cid in sorted(bucket)])
@@ -130,6 +163,8 @@ class Aggregator(Worker):
         self.log.info("round %d: averaged %d clients and broadcast", r, len(bucket))
 
     def on_fetch(self, inbound: Inbound, msg: Message) -> None:
+        if msg.round in self.failed:
+            raise WireError(ErrorCode.STALE_ROUND, self.failed[msg.round])
         if self.latest is None or self.latest.round < msg.round:
             raise WireError(ErrorCode.NOT_READY, f"no global adapters for round {msg.round} yet")
         reply = Message(MsgType.ADAPTERS, self.role, self.id, self.run_id, msg.round, msg.seq,

@@ -11,13 +11,13 @@ import time
 
 import zmq
 
-from lesft import wire
+from lesft import checkpoint, wire
 from lesft.config import Config
 from lesft.engine import ClientParty, is_aggregation_round, is_step_round, run_fingerprint
 from lesft.methods import get_method
 from lesft.models import resolve
 from lesft.trainer import adapter_meta, client_file, client_shards, party_layout
-from lesft.wire import Message, MsgType, WireError
+from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers.common import Channel, Peer, Worker, WorkerError, make_socket, request
 
 
@@ -59,19 +59,27 @@ class Client(Worker):
         self.server = Peer("server", self._dealer(net.broker_frontend), self.meter) if self.method.split else None
         self.agg = self.sub = None
         try:
-            start, rounds = self.register()
-            for r in range(start, rounds):
+            r, rounds = self.register()
+            while r < rounds:
                 if self.stop.is_set():
                     self.log.info("stopping at round %d (signal)", r)
                     return 0
-                loss = self.train_round(r)
+                try:
+                    loss = self.train_round(r)
+                except WireError as e:
+                    if e.code != ErrorCode.STALE_ROUND:
+                        raise
+                    r = self.catch_up(r, int(getattr(e, "meta", {}).get("server_round", r + 1)), rounds)
+                    continue
                 if is_step_round(r, rounds, self.cfg.train.grad_accum):
                     self.party.step()
                 aggregated = self.method.aggregate and is_aggregation_round(r, rounds, self.cfg.train.aggregate_every)
                 if aggregated:
                     self.aggregate(r)
+                self.save_state(r + 1)
                 self.record("round", round=r, rounds=rounds, loss=loss, aggregated=aggregated,
                             wall_s=self.meter.wall_s())
+                r += 1
             self.shutdown()
         finally:
             for peer in (self.server, self.agg):
@@ -82,20 +90,66 @@ class Client(Worker):
             self.finish(steps=self.party.steps)
         return 0
 
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state_path(self):
+        return self.run_dir / f"client-{self.id}-state.pt"
+
+    def save_state(self, next_round: int) -> None:
+        """After every round: enough to resume exactly after a crash (adapters, optimiser, grads)."""
+        with self.meter.phase("checkpoint"):
+            checkpoint.save(self.state_path, {"round": next_round, "fingerprint": self.fingerprint,
+                                              "party": self.party.state()})
+
+    def load_state(self) -> dict | None:
+        state = checkpoint.load(self.state_path)
+        if state is not None and state.get("fingerprint") != self.fingerprint:
+            self.log.warning("ignoring %s: written with other settings", self.state_path)
+            return None
+        return state
+
+    def catch_up(self, r: int, server_round: int, rounds: int) -> int:
+        """Left out of rounds r..server_round-1 (a straggler): continue where the server is."""
+        self.log.warning("left out of round(s) %d..%d (straggler timeout): continuing at round %d", r,
+                         server_round - 1, server_round)
+        self.meter.count("rounds_missed", server_round - r)
+        self.party.pending = None
+        self.load_latest_global(r, server_round, rounds)
+        return server_round
+
+    def load_latest_global(self, first: int, upto: int, rounds: int) -> None:
+        """Load the global adapters of the last aggregation round in [first, upto)."""
+        if not self.method.aggregate:
+            return
+        missed = [x for x in range(first, upto) if is_aggregation_round(x, rounds, self.cfg.train.aggregate_every)]
+        if missed:
+            self.load_global(self.fetch(missed[-1]))
+
     def register(self) -> tuple[int, int]:
-        """HELLO to the server (and the aggregator): returns (first round, total rounds)."""
+        """HELLO to the server (and the aggregator); returns (first round, total rounds).
+
+        A restarted client resumes from its saved state; a client joining a run that has
+        already started begins at the server's round with the latest global adapters.
+        """
         meta = {"client_id": self.id, "n_samples": self.party.n_samples, "fingerprint": self.fingerprint,
                 "parts": self.parts}
         if self.server is not None:
             self.log.info("registering with the server via %s", self.cfg.net.broker_frontend)
             welcome = self.ask(self.server, MsgType.HELLO, {MsgType.WELCOME}, meta=meta)
-            start, rounds = int(welcome.meta["round"]), int(welcome.meta["rounds"])
+            server_round, rounds = int(welcome.meta["round"]), int(welcome.meta["rounds"])
         else:
-            start, rounds = 0, self._local_rounds()
+            server_round, rounds = -1, self._local_rounds()
         if self.method.aggregate:
             self.join_aggregator(meta)
-            if start > 0:  # a restarted client: continue from the latest global adapters
-                self.load_global(self.fetch(-1))
+        state = self.load_state()
+        if state is not None and (server_round != 0 or state["round"] == 0):
+            self.party.restore(state["party"])
+            start = int(state["round"])
+            self.log.info("resumed from %s at round %d", self.state_path, start)
+        else:
+            start = max(server_round, 0)
+            self.load_latest_global(0, start, rounds)
         self.log.info("registered: rounds %d..%d", start, rounds - 1)
         return start, rounds
 
@@ -141,10 +195,16 @@ class Client(Worker):
 
     def aggregate(self, r: int) -> None:
         """UPLOAD this client's adapters for round r; load the global adapters of round r."""
-        self.ask(self.agg, MsgType.UPLOAD, {MsgType.ACK}, r, {"n_samples": self.party.n_samples},
-                 self.party.adapters())
-        got = self.wait_broadcast(r)
-        self.load_global(got if got is not None else self.fetch(r))
+        try:
+            self.ask(self.agg, MsgType.UPLOAD, {MsgType.ACK}, r, {"n_samples": self.party.n_samples},
+                     self.party.adapters())
+            got = self.wait_broadcast(r)
+            self.load_global(got if got is not None else self.fetch(r))
+        except WireError as e:
+            if e.code != ErrorCode.STALE_ROUND:
+                raise
+            self.log.warning("%s: keeping this client's own adapters", e.text)
+            self.meter.count("aggregations_failed")
 
     def wait_broadcast(self, r: int) -> Message | None:
         deadline = time.monotonic() + self.cfg.net.request_timeout_s

@@ -149,6 +149,7 @@ def reply_error(chan: Channel, inbound: Inbound, err: WireError, role: str, send
     if inbound.envelope or not chan.routed:
         reply = wire.error_message(err.code, err.text, role=role, sender=sender, run_id=run_id,
                                    round=msg.round if msg else -1, seq=msg.seq if msg else 0)
+        reply.meta.update(getattr(err, "meta", {}))
         try:
             chan.send(reply, inbound.envelope)
         except zmq.ZMQError:
@@ -223,7 +224,11 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
                         peer.meter.count("stale_replies")
                     continue
                 if got.type == MsgType.ERROR:
-                    err = WireError(ErrorCode(got.meta.get("code", "internal")), str(got.meta.get("text", "")))
+                    try:
+                        wire.raise_if_error(got)
+                    except WireError as e:
+                        err = e
+                    err.meta = got.meta
                     if err.code in retry_errors:
                         time.sleep(min(cfg.net.heartbeat_s, 1.0))
                         break  # ask again, not counted as a retry

@@ -43,6 +43,7 @@ class ClientSlot:
     hello_seq: int = 0
     welcomed: bool = False
     reply: tuple[int, Message, torch.dtype] | None = None  # (round, BACKWARD, wire dtype) for repeats
+    reply_sent: float = 0.0
 
 
 @dataclass
@@ -76,6 +77,10 @@ class Server(Worker):
         self.round_acc: dict[str, float] = {}
         self.byes: dict[int, tuple[list, int]] = {}
         self.done_at: float | None = None
+        self.dropped: set[int] = set()  # stragglers left out of the current round
+        self.round_replies: dict[int, tuple[Message, torch.dtype]] = {}
+        self.held: dict[int, tuple[list, int]] = {}  # envelope and seq to answer each served client on
+        self.round_started = time.monotonic()
         self.checkpoint_path = self.run_dir / "server-checkpoint.pt"
         if resume:
             self._resume()
@@ -91,6 +96,11 @@ class Server(Worker):
         self.party.restore(state["party"])
         self.round, self.rounds = state["round"], state["rounds"]
         self.clients = {int(cid): ClientSlot(n, [], welcomed=False) for cid, n in state["clients"].items()}
+        dtypes = {v: k for k, v in _WIRE_NAME.items()}
+        for cid, c in state.get("replies", {}).items():
+            tensors = {"grad": c["grad"]} if c["grad"] is not None else {}
+            msg = self.message(MsgType.BACKWARD, c["round"], 0, c["meta"], tensors)
+            self.clients[int(cid)].reply = (c["round"], msg, dtypes[c["dtype"]])
         self.log.info("resumed from %s at round %d of %d", self.checkpoint_path, self.round, self.rounds)
 
     # ------------------------------------------------------------------ loop
@@ -177,6 +187,7 @@ class Server(Worker):
             self.rounds = self.cfg.train.rounds or self.cfg.train.epochs * max(
                 rounds_per_epoch(s.n_samples, b) for s in self.clients.values())
             self.log.info("all %d clients registered: %d rounds", self.expected, self.rounds)
+            self.round_started = time.monotonic()
         if self.rounds is not None:
             for c_id, s in self.clients.items():
                 if s.envelope and (not s.welcomed or c_id == cid):
@@ -201,7 +212,14 @@ class Server(Worker):
                     self._welcome(msg.sender, slot)
             elif slot.reply is not None and slot.reply[0] == msg.round and slot.reply[1].seq == msg.seq:
                 have = True
-                self.chan.send(slot.reply[1], inbound.envelope, _WIRE_NAME.get(slot.reply[2]))
+                # a heartbeat may cross the reply on the wire: resend only when it looks lost
+                if time.monotonic() - slot.reply_sent > 2 * self.cfg.net.heartbeat_s:
+                    self.meter.count("replies_resent")
+                    self.chan.send(slot.reply[1], inbound.envelope, _WIRE_NAME.get(slot.reply[2]))
+                    slot.reply_sent = time.monotonic()
+            elif msg.sender in self.held and self.held[msg.sender][1] == msg.seq:
+                have = True  # served in the open round: the reply leaves when the round closes
+                self.held[msg.sender] = (inbound.envelope, msg.seq)
             else:
                 req = self.pending.get(msg.round, {}).get(msg.sender)
                 bye = self.byes.get(msg.sender)
@@ -219,38 +237,84 @@ class Server(Worker):
         if msg.round < self.round or (msg.round == self.round and msg.sender in self.served):
             if slot.reply is not None and slot.reply[0] == msg.round:
                 self.meter.count("repeated_requests")
-                cached = slot.reply[1]
+                _, cached, dtype = slot.reply
                 cached.seq = msg.seq
-                self.reply(inbound, cached, _WIRE_NAME.get(msg.tensors["act"].dtype))
+                self.reply(inbound, cached, _WIRE_NAME.get(dtype))
                 return
-            raise WireError(ErrorCode.STALE_ROUND, f"round {msg.round} is over (the server is at {self.round})")
+            if msg.round == self.round:  # served, reply not sent yet (round still open): keep the newest envelope
+                self.held[msg.sender] = (inbound.envelope, msg.seq)
+                return
+            raise self.stale(msg.round)
         if msg.round >= self.rounds:
             raise WireError(ErrorCode.STALE_ROUND, f"round {msg.round} is past the last round {self.rounds - 1}")
         bucket = self.pending.setdefault(msg.round, {})
         if msg.sender in bucket:
             self.meter.count("repeated_requests")
         bucket[msg.sender] = Request(inbound.envelope, msg)
+        self.dropped.discard(msg.sender)
+
+    def stale(self, r: int) -> WireError:
+        err = WireError(ErrorCode.STALE_ROUND, f"round {r} is over (the server is at round {self.round})")
+        err.meta = {"server_round": self.round}
+        return err
 
     def on_bye(self, inbound: Inbound, msg: Message) -> None:
         self.byes[msg.sender] = (inbound.envelope, msg.seq)
-        if self.rounds is not None and self.round >= self.rounds and len(self.byes) >= self.expected:
+        if self.rounds is not None and self.round >= self.rounds and len(self.byes) >= len(self.clients):
             self.complete_run()
-        elif self.done_at is not None:
-            self.chan.send(self.message(MsgType.DONE, -1, msg.seq), inbound.envelope)
 
     # ------------------------------------------------------------------ rounds
+
+    def required(self) -> set[int]:
+        """Clients the current round waits for: every registered one not dropped as a straggler."""
+        return set(self.clients) - self.dropped
 
     def maybe_process(self) -> None:
         if self.rounds is None or self.round >= self.rounds:
             return
+        now = time.monotonic()
         bucket = self.pending.get(self.round, {})
-        waiting = set(self.clients) - self.served
-        ready = sorted(c for c in bucket if c in waiting)
-        if not ready:
+        waiting = self.required() - self.served
+        ready = sorted(c for c in bucket if c not in self.served)
+        if ready:
+            first = min(bucket[c].arrived for c in ready)
+            if set(ready) >= waiting or now - first >= self.cfg.net.microbatch_wait_ms / 1000:
+                self.process(ready)
+                return
+        if not ready and waiting and self._all_ahead(waiting):
             return
-        first = min(bucket[c].arrived for c in ready)
-        if set(ready) >= waiting or time.monotonic() - first >= self.cfg.net.microbatch_wait_ms / 1000:
-            self.process(ready)
+        timeout = self.cfg.net.straggler_timeout_s
+        if timeout and not ready and waiting and now - self.round_started > timeout:
+            self._drop_stragglers(waiting, now - self.round_started)
+
+    def _all_ahead(self, waiting: set[int]) -> bool:
+        """After a resume from an older checkpoint, clients may already be past this round:
+        move to the earliest round they are all waiting in (the rounds between are lost)."""
+        ahead = {c: min(r for r, b in self.pending.items() if c in b and r > self.round)
+                 for c in waiting if any(c in b and r > self.round for r, b in self.pending.items())}
+        if set(ahead) != waiting:
+            return False
+        target = min(ahead.values())
+        self.log.warning("clients are at round %d, the server at %d (resumed from an older checkpoint): "
+                         "skipping rounds %d..%d", target, self.round, self.round, target - 1)
+        self.meter.count("skipped_rounds", target - self.round)
+        self.round, self.served, self.round_started = target, set(), time.monotonic()
+        return True
+
+    def _drop_stragglers(self, missing: set[int], waited: float) -> None:
+        need = self.cfg.net.min_clients or len(self.clients)
+        if len(self.served) >= need:
+            self.log.warning("round %d: proceeding without client(s) %s (nothing within %.0fs)", self.round,
+                             ", ".join(map(str, sorted(missing))), waited)
+            self.meter.count("stragglers_dropped", len(missing))
+            self.dropped |= missing
+            self.close_round()
+        elif waited > 3 * self.cfg.net.straggler_timeout_s:
+            self.log.error("round %d failed: %d of the required %d clients sent in time (--min-clients %d); "
+                           "moving on", self.round, len(self.served), need, need)
+            self.meter.count("failed_rounds")
+            self.dropped |= missing
+            self.close_round(failed=True)
 
     def process(self, ids: list[int]) -> None:
         bucket = self.pending[self.round]
@@ -263,18 +327,18 @@ class Server(Worker):
             meta = {"loss": loss if loss == loss else 0.0, "valid_rows": valid}
             reply = self.message(MsgType.BACKWARD, q.msg.round, q.msg.seq, meta,
                                  {"grad": grad} if grad is not None else {})
-            self.chan.send(reply, q.envelope, _WIRE_NAME.get(q.msg.tensors["act"].dtype))
-            self.clients[q.msg.sender].reply = (q.msg.round, reply, q.msg.tensors["act"].dtype)
+            # replies leave only when the round is closed and checkpointed (see close_round)
+            self.round_replies[q.msg.sender] = (reply, q.msg.tensors["act"].dtype)
+            self.held[q.msg.sender] = (q.envelope, q.msg.seq)
             self.served.add(q.msg.sender)
-        self._accumulate(res, len(ids))
-        if self.served >= set(self.clients):
+        self._accumulate(res)
+        if self.served >= self.required():
             self.close_round()
 
-    def _accumulate(self, res, n_clients: int) -> None:
+    def _accumulate(self, res) -> None:
         acc = self.round_acc
-        rows = sum(res.valid_rows)
         acc["loss_sum"] = acc.get("loss_sum", 0.0) + sum(l * v for l, v in zip(res.losses, res.valid_rows) if v)
-        acc["rows"] = acc.get("rows", 0) + rows
+        acc["rows"] = acc.get("rows", 0) + sum(res.valid_rows)
         acc["microbatches"] = acc.get("microbatches", 0) + 1
         tokens = res.stats.get("tokens", 0)
         acc["tokens"] = acc.get("tokens", 0) + tokens
@@ -282,34 +346,52 @@ class Server(Worker):
             if k.startswith("frac_") or k in ("weight_mean", "nll"):
                 acc[f"{k}_sum"] = acc.get(f"{k}_sum", 0.0) + v * tokens
 
-    def close_round(self) -> None:
+    def close_round(self, failed: bool = False) -> None:
+        """Step at the end of a window, checkpoint, then release the round's replies.
+
+        Replies go out after the checkpoint, so a server killed at any point and resumed
+        never holds less than what some client has already received.
+        """
         r = self.round
-        stepped = False
-        if is_step_round(r, self.rounds, self.cfg.train.grad_accum):
-            stepped = self.party.step()
+        stepped = is_step_round(r, self.rounds, self.cfg.train.grad_accum) and self.party.step()
         acc, self.round_acc = self.round_acc, {}
         tokens = max(acc.get("tokens", 0), 1)
         record = {"round": r, "rounds": self.rounds, "loss": acc.get("loss_sum", 0.0) / max(acc.get("rows", 0), 1),
-                  "rows": acc.get("rows", 0), "tokens": acc.get("tokens", 0),
-                  "microbatches": acc.get("microbatches", 0), "stepped": stepped, "wall_s": self.meter.wall_s()}
+                  "rows": acc.get("rows", 0), "tokens": acc.get("tokens", 0), "clients": sorted(self.served),
+                  "microbatches": acc.get("microbatches", 0), "stepped": stepped, "failed": failed,
+                  "wall_s": self.meter.wall_s()}
         record.update({k[:-4]: v / tokens for k, v in acc.items() if k.endswith("_sum") and k != "loss_sum"})
         self.record("round", **record)
-        self.log.info("round %d/%d loss %.4f (%d microbatch%s)%s", r + 1, self.rounds, record["loss"],
-                      record["microbatches"], "es" if record["microbatches"] > 1 else "", " step" if stepped else "")
+        self.log.info("round %d/%d loss %.4f (%d client%s, %d microbatch%s)%s", r + 1, self.rounds, record["loss"],
+                      len(self.served), "" if len(self.served) == 1 else "s", record["microbatches"],
+                      "es" if record["microbatches"] > 1 else "", " step" if stepped else "")
+        for cid, (reply, dtype) in self.round_replies.items():
+            self.clients[cid].reply = (r, reply, dtype)
+        replies, self.round_replies = self.round_replies, {}
         self.round += 1
-        self.served = set()
+        self.served, self.round_started = set(), time.monotonic()
         self.pending.pop(r, None)
         every = self.cfg.net.checkpoint_every
         if (every and self.round % every == 0) or self.round == self.rounds:
             self.save_checkpoint()
-        if self.round >= self.rounds and len(self.byes) >= self.expected:
+        for cid, (reply, dtype) in replies.items():
+            envelope, seq = self.held.pop(cid, (None, reply.seq))
+            if envelope is not None:
+                reply.seq = seq
+                self.chan.send(reply, envelope, _WIRE_NAME.get(dtype))
+                self.clients[cid].reply_sent = time.monotonic()
+        if self.round >= self.rounds and len(self.byes) >= len(self.clients):
             self.complete_run()
 
     def save_checkpoint(self) -> None:
+        cache = {cid: {"round": s.reply[0], "meta": s.reply[1].meta, "dtype": _WIRE_NAME[s.reply[2]],
+                       "grad": s.reply[1].tensors.get("grad")}
+                 for cid, s in self.clients.items() if s.reply is not None}
         with self.meter.phase("checkpoint"):
             checkpoint.save(self.checkpoint_path, {
                 "fingerprint": self.fingerprint, "party": self.party.state(), "round": self.round,
-                "rounds": self.rounds, "clients": {cid: s.n_samples for cid, s in self.clients.items()}})
+                "rounds": self.rounds, "clients": {cid: s.n_samples for cid, s in self.clients.items()},
+                "replies": cache})
 
     def complete_run(self) -> None:
         """All rounds served and every client said BYE: save, combine, answer DONE."""
@@ -324,7 +406,7 @@ class Server(Worker):
             except ValueError as e:  # the other side's files are on another machine
                 self.log.info("run complete; not combined here (%s): run `lesft combine --run %s`", e, self.run_dir)
             self.done_at = time.monotonic()
-        for cid, (envelope, seq) in self.byes.items():
+        for envelope, seq in self.byes.values():
             self.chan.send(self.message(MsgType.DONE, -1, seq), envelope)
 
 
