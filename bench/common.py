@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+
+class BenchError(ValueError):
+    """A bench setting or environment problem, reported by the CLI as one line."""
+
+
 # --------------------------------------------------------------------------- machine
 
 
@@ -61,6 +66,8 @@ def machine_info() -> dict[str, Any]:
         info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     except Exception:  # psutil is a dependency, but a description must never fail a bench
         pass
+    if hasattr(os, "getloadavg"):  # a busy shared machine explains noisy numbers
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     if hasattr(os, "sched_getaffinity"):
         info["cpu_affinity"] = len(os.sched_getaffinity(0))
     try:
@@ -70,12 +77,12 @@ def machine_info() -> dict[str, Any]:
         info["libzmq"] = zmq.zmq_version()
     except ImportError:
         pass
-    for mod in ("transformers", "peft", "msgpack", "numpy"):
-        try:
-            m = __import__(mod)
-            v = getattr(m, "__version__", None) or getattr(m, "version", None)
-            info[mod] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-        except ImportError:
+    from importlib import metadata
+
+    for dist in ("transformers", "peft", "msgpack", "numpy"):
+        try:  # the installed version, without importing the package (transformers is slow to import)
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             pass
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
@@ -90,7 +97,8 @@ def machine_line(info: Mapping[str, Any]) -> str:
     """One line for a console footer: CPU, cores, threads, GPU, versions."""
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
     zmq_v = f", pyzmq {info['pyzmq']} / libzmq {info['libzmq']}" if "pyzmq" in info else ""
-    return (f"{info['cpu_model']} ({info['cpu_logical']} logical cores, torch threads {info['torch_threads']})"
+    load = f", load {info['load_avg_1m']}" if "load_avg_1m" in info else ""
+    return (f"{info['cpu_model']} ({info['cpu_logical']} logical cores, torch threads {info['torch_threads']}{load})"
             f"{gpu}; torch {info['torch']}{zmq_v}; {info['date']}")
 
 

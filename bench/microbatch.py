@@ -24,15 +24,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench.common import Column, ratio, summarize, sync, time_interleaved
+from bench.common import BenchError, Column, ratio, summarize, sync, time_interleaved
 
 TARGET_CLIENTS = 8
 TARGET_RATIO = 0.6
 PHASES = ("forward", "loss", "backward")
-
-
-class BenchError(ValueError):
-    """A bench setting that cannot run, reported as one line."""
 
 
 def parse_clients(text: str) -> list[int]:
@@ -206,6 +202,9 @@ def run_microbatch(cfg, settings: MicrobatchSettings, *, source=None, out_dir: P
     from lesft.methods import get_method
     from lesft.models import resolve
 
+    if not get_method(cfg.train.method).split:
+        raise BenchError(f"--method {cfg.train.method} has no server (each client holds the whole model): "
+                         "benchmark a split method (lesft, splitlora, sl, splitfrozen).")
     source = source or resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
     work = build_workload(cfg, max(settings.clients_list), source, progress)
     if progress:

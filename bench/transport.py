@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench.common import Column, ratio, summarize, time_interleaved
+from bench.common import BenchError, Column, ratio, summarize, time_interleaved
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = (
     (1, 128, 576), (4, 128, 576), (4, 512, 576), (8, 512, 896), (4, 1024, 2048))
@@ -44,10 +44,6 @@ TARGET_GBPS = 1.0
 TARGET_OVERHEAD = 1.01
 VOCAB = 1 << 17  # token ids of the synthetic targets stay below this
 GB = 1e9
-
-
-class BenchError(ValueError):
-    """A bench setting or environment problem, reported as one line."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -379,12 +375,12 @@ def _shape(v) -> str:
 
 COLUMNS = [
     Column("shape", "shape", _shape), Column("dtype"),
-    Column("act_bytes", "act MB", lambda v: f"{v / 1e6:.2f}"),
+    Column("act_bytes", "MB", lambda v: f"{v / 1e6:.2f}"),
     Column("memcpy_GBps", "memcpy GB/s", ".2f"),
-    Column("codec_GBps", "codec GB/s", ".2f"), Column("codec_vs_memcpy", "codec/memcpy", ".2f"),
-    Column("loopback_GBps", "loopback GB/s", ".2f"), Column("loopback_msgs_per_s", "msgs/s", ",.0f"),
-    Column("loopback_vs_memcpy", "loopback/memcpy", ".3f"),
-    Column("wire_over_act", "wire/act", ".5f"),
+    Column("codec_GBps", "codec GB/s", ".2f"), Column("codec_vs_memcpy", "codec /memcpy", ".2f"),
+    Column("loopback_GBps", "loop GB/s", ".2f"), Column("loopback_msgs_per_s", "msg/s", ".0f"),
+    Column("loopback_vs_memcpy", "loop /memcpy", ".3f"),
+    Column("wire_over_act", "wire /act", ".4f"),
 ]
 
 

@@ -6,3 +6,5 @@ Each attaches itself to :data:`lesft.cli.app`.
 from __future__ import annotations
 from lesft import commands_eval  # noqa: E402,F401
 from lesft import commands_keys  # noqa: E402,F401
+from lesft import commands_bench  # noqa: E402,F401
+from lesft import commands_run  # noqa: E402,F401

@@ -38,7 +38,11 @@ def generate_keys(out: Path, clients: int) -> list[tuple[Path, str]]:
     for stale in allowed.glob("client-*.key"):  # the allow-list is exactly the new clients
         stale.unlink()
     for name, folder in [(p, out) for p in PARTIES] + [(f"client-{i}", client_dir) for i in range(clients)]:
-        public, secret = (Path(p) for p in zmq.auth.create_certificates(folder, name))
+        old_mask = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+        try:
+            public, secret = (Path(p) for p in zmq.auth.create_certificates(folder, name))
+        finally:
+            os.umask(old_mask)
         os.chmod(secret, 0o600)
         os.chmod(public, 0o644)
         written += [(public, "public"), (secret, "secret")]
@@ -50,13 +54,12 @@ def generate_keys(out: Path, clients: int) -> list[tuple[Path, str]]:
 
 
 def distribution(out: Path, clients: int) -> Table:
-    table = Table("process", "copy into its --keys-dir", "never give it", title=f"distributing {out}")
-    table.add_row("broker", "broker.key_secret, server.key, allowed_clients/", "any other *_secret")
-    table.add_row("server", "server.key_secret, broker.key", "any other *_secret")
-    table.add_row("aggregator", "aggregator.key_secret, allowed_clients/", "any other *_secret")
-    last = f"client-{clients - 1}" if clients > 1 else "client-0"
-    table.add_row("client i" + (f" (client-0..{last})" if clients > 1 else ""),
-                  "clients/client-<i>.key_secret, broker.key, aggregator.key", "other clients' secrets")
+    table = Table("process", "copy into its own --keys-dir (and nothing else)", title=f"distributing {out}")
+    table.add_row("broker", "broker.key_secret, server.key, allowed_clients/")
+    table.add_row("server", "server.key_secret, broker.key")
+    table.add_row("aggregator", "aggregator.key_secret, allowed_clients/")
+    ids = "0" if clients == 1 else f"0..{clients - 1}"
+    table.add_row(f"client i ({ids})", "clients/client-<i>.key_secret, broker.key, aggregator.key")
     return table
 
 
@@ -86,6 +89,7 @@ def generate(out: Path = typer.Option(..., "--out", help="folder to write the ke
         table.add_row(str(path.relative_to(out)), kind, oct(path.stat().st_mode & 0o777), style=style)
     console.print(table)
     console.print(distribution(out, clients))
-    console.print("Run every process with [bold]--keys-dir DIR[/] (its own copy). Remove "
+    console.print("A secret file never leaves the process it names. Run every process with "
+                  "[bold]--keys-dir DIR[/] (its own copy); one shared folder also works on one machine. Remove "
                   "[bold]allowed_clients/client-<i>.key[/] on the broker and aggregator hosts to refuse client i "
                   "at its next connection; restart them to cut it off at once.")

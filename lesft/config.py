@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -30,7 +31,7 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(f"{name}={value} is not valid: it must be {'>= 0' if zero_ok else '> 0'}.")
 
 
@@ -88,6 +89,8 @@ class LossConfig:
         if not -1.0 <= self.sim_threshold <= 1.0:
             raise ConfigError(f"sim_threshold={self.sim_threshold} is not valid: a cosine similarity lies in [-1, 1].")
         _positive("lesft_nll_mix", self.lesft_nll_mix, zero_ok=True)
+        for name in ("gamma_salient", "gamma_subsalient", "gamma_irrelevant"):
+            _positive(name, getattr(self, name), zero_ok=True)
         if self.gamma_nonsalient is not None:
             _positive("gamma_nonsalient", self.gamma_nonsalient, zero_ok=True)
 
@@ -210,7 +213,11 @@ class Config:
                 for g in GROUPS}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the resolved settings as JSON (atomically: parallel workers may write it too)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
 
     def to_toml(self) -> str:
         """The resolved settings as TOML that :func:`build_config` reads back identically."""
@@ -223,9 +230,22 @@ class Config:
             lines.append("")
         return "\n".join(lines)
 
+    @staticmethod
+    def load(path: str | Path) -> "Config":
+        """Read a config saved by :meth:`save` (a run's ``config.json``)."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p} not found: pass the folder of a run made by lesft (it holds config.json).")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p} is not valid JSON ({e}).") from None
+        return build_config(cli=_flatten_toml(data, str(p)), env={})
+
     def replace(self, **overrides: Any) -> "Config":
-        """A copy with some leaf fields changed (validated), e.g. ``cfg.replace(clients=2)``."""
-        return build_config(base=self, cli=overrides)
+        """A copy with some leaf fields changed (validated), e.g. ``cfg.replace(clients=2)``;
+        ``None`` resets an optional field."""
+        return build_config(base=self, cli={k: "none" if v is None else v for k, v in overrides.items()})
 
 
 GROUPS = ("model", "lora", "loss", "data", "train", "net", "run")

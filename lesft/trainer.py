@@ -21,7 +21,7 @@ from lesft.data import Example, load_examples, partition
 from lesft.engine import ClientParty, ServerParty, is_aggregation_round, is_step_round, total_rounds
 from lesft.methods import Method, get_method
 from lesft.metrics import JsonlWriter, Meter
-from lesft.models import ModelSource, resolve
+from lesft.models import ModelSource, source_for
 from lesft.split import split_point
 
 
@@ -122,7 +122,7 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
     """Run Algorithm 1 for ``cfg`` in this process; write the run folder; return adapters."""
     t0 = time.perf_counter()
     method = get_method(cfg.train.method)
-    source = source or resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+    source = source or source_for(cfg)
     tok = source.load_tokenizer()
     shards, batch_size = party_layout(method, cfg, client_shards(cfg))
     run_dir = make_run_dir(cfg)

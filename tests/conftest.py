@@ -13,6 +13,16 @@ import torch
 TINY_ARCHS = ("tiny-qwen2", "tiny-llama", "tiny-mistral")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core runner the threads
+    contend and the suite ran about 3x slower. Restored after the session."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from lesft.models import local_tokenizer

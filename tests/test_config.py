@@ -159,8 +159,6 @@ def test_validation_errors_are_one_line(cli, word):
     assert word in config_error(cli=cli)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config._positive lets NaN/inf through (nan < 0 and nan == 0 are "
-                                       "both False), so --lr nan is accepted and fails later with a traceback")
 @pytest.mark.parametrize("name, raw", [("lr", "nan"), ("lr", "inf"), ("server_lr", "nan"), ("weight_decay", "nan"),
                                        ("lesft_nll_mix", "nan"), ("gamma_nonsalient", "nan"),
                                        ("dirichlet_alpha", "nan")])
@@ -238,8 +236,6 @@ def test_replace_validates():
         Config().replace(no_such_setting=1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Config.replace(x=None) is silently ignored (None means 'not given'), "
-                                       "so an Optional setting cannot be reset to None")
 def test_replace_can_reset_an_optional_setting_to_none():
     cfg = Config().replace(gamma_nonsalient=0.5, server_lr=0.01)
     reset = cfg.replace(gamma_nonsalient=None, server_lr=None)

@@ -62,7 +62,7 @@ def reference_greedy(model: FullModel, tok, prompt: str, max_new_tokens: int) ->
         for _ in range(max_new_tokens):
             x = torch.tensor([ids + out])
             t = int(model(x, torch.ones_like(x))[0, -1].argmax())
-            if t == tok.eos_token_id:
+            if t in tok.all_special_ids:  # EOS and the other special tokens end a row
                 break
             out.append(t)
     return out
@@ -117,12 +117,12 @@ def test_rows_joining_a_running_batch_match_the_reference(sharp_source, tok, mon
     rows_with = {t: sum(t in r for r in free) for r in free for t in r}
     eos = max((t for t, k in rows_with.items() if k < len(prompts)), key=rows_with.get)
     assert 0 < sum(eos in r for r in free) < len(prompts)
-    model.lm.generation_config.eos_token_id = eos
     merges = []
     concat = ev._concat
     monkeypatch.setattr(ev, "_concat", lambda a, b: merges.append(1) or concat(a, b))
 
-    got = ev.generate(model, tok, prompts, max_new_tokens=16, batch_size=3, stop_at_newline_question=False)
+    got = ev.generate(model, tok, prompts, max_new_tokens=16, batch_size=3, stop_at_newline_question=False,
+                      end_ids=[eos])
 
     assert merges, "no prompt joined a running batch"
     want = [tok.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True) for r in free]
@@ -135,16 +135,20 @@ def test_generation_stops_a_row_at_eos(sharp_source, tok, examples):
     free = [reference_greedy(model, tok, p, 10) for p in prompts]
     eos = free[0][3]  # declare the 4th token of the first row an end token
     assert eos not in free[0][:3]
-    model.lm.generation_config.eos_token_id = eos
 
     stats: dict = {}
     got = ev.generate(model, tok, prompts, max_new_tokens=10, batch_size=2, stop_at_newline_question=False,
-                      stats=stats)
+                      stats=stats, end_ids=[eos])
 
     assert got[0] == tok.decode(free[0][:3], skip_special_tokens=True)
     assert stats["new_tokens"][0] == 3
     cut = free[1].index(eos) if eos in free[1] else 10
     assert got[1] == tok.decode(free[1][:cut], skip_special_tokens=True)  # the other row runs on
+
+
+def test_end_tokens_are_eos_and_the_other_special_tokens(tok):
+    assert ev._end_ids(tok) == {tok.eos_token_id, *tok.all_special_ids}
+    assert ev._end_ids(tok, [7]) == ev._end_ids(tok) | {7}
 
 
 def test_generation_stops_once_the_model_restarts_the_prompt(source, tok, examples, monkeypatch):

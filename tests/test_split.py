@@ -29,7 +29,6 @@ def source_of(request, tiny_folders):
     def make(arch: str):
         return resolve(str(tiny_folders[arch])) if request.param == "folder" else resolve(f"arch:{arch}")
 
-    make.origin = request.param
     return make
 
 

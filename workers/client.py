@@ -15,7 +15,7 @@ from lesft import checkpoint, wire
 from lesft.config import Config
 from lesft.engine import ClientParty, is_aggregation_round, is_step_round, run_fingerprint
 from lesft.methods import get_method
-from lesft.models import resolve
+from lesft.models import source_for
 from lesft.trainer import adapter_meta, client_file, client_shards, party_layout
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers.common import Channel, Peer, Worker, WorkerError, make_socket, request
@@ -29,7 +29,7 @@ class Client(Worker):
             raise WorkerError(f"--id {client_id} is outside 0..{cfg.data.clients - 1} (--clients {cfg.data.clients})")
         super().__init__(cfg, client_id)
         self.method = get_method(cfg.train.method)
-        self.source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+        self.source = source_for(cfg)
         tok = self.source.load_tokenizer()
         shards, batch_size = party_layout(self.method, cfg, client_shards(cfg))
         self.party = ClientParty(cfg, self.source, self.method, client_id, shards[client_id], tok,

@@ -265,6 +265,8 @@ class Worker:
         self.run_id = cfg.run.run_id or "default"
         self.meter = Meter(self.role, max(worker_id, 0), cfg.train.device if self.role == "server" else "cpu")
         self.metrics = JsonlWriter(self.run_dir / f"{self.role}-{max(worker_id, 0)}.jsonl")
+        if self.role == "server" or not (self.run_dir / "config.json").exists():
+            cfg.save(self.run_dir / "config.json")
         self.ctx = zmq.Context.instance()
         set_threads(cfg)
 

@@ -87,6 +87,7 @@ def key_pair(cfg: Config, identity: str) -> tuple[bytes, bytes]:
 
 
 def public_key(cfg: Config, owner: str, who: str) -> bytes:
+    """The z85 public key of ``owner`` (as every key here: the form ZeroMQ options and ZAP use)."""
     return _load(_keys_dir(cfg) / f"{owner}.key", who, secret=False)[0]
 
 
@@ -102,7 +103,7 @@ class AllowList:
     def __init__(self, folder: Path | None = None, fixed: tuple[bytes, str] | None = None) -> None:
         self.folder, self.fixed = folder, fixed
         self.names: dict[bytes, str] = {}
-        self._stamp: float | None = None
+        self._stamp: tuple | None = None
         self._denied: set[bytes] = set()
         self.reload()
 
@@ -111,14 +112,15 @@ class AllowList:
             self.names = {self.fixed[0]: self.fixed[1]}
             return
         try:
-            stamp = self.folder.stat().st_mtime
+            files = sorted(self.folder.glob("*.key"))
+            stamp = tuple((p.name, p.stat().st_mtime_ns) for p in files)
         except OSError:
             self.names, self._stamp = {}, None
             return
         if stamp == self._stamp:
             return
         names: dict[bytes, str] = {}
-        for path in sorted(self.folder.glob("*.key")):
+        for path in files:
             name = path.name[: -len(".key")]
             if not CLIENT_NAME.match(name):
                 log.warning("ignoring %s in the allow-list: names must be client-<i>.key", path)
@@ -181,7 +183,7 @@ def authenticator(ctx: zmq.Context, cfg: Config, domain: str) -> Authenticator:
                 if not provider.names:
                     log.warning("the allow-list %s holds no client-<i>.key: every client will be refused", folder)
             else:
-                provider = AllowList(fixed=(z85.encode(public_key(cfg, "server", "broker")), "server"))
+                provider = AllowList(fixed=(public_key(cfg, "server", "broker"), "server"))
             auth.configure_curve_callback(domain, provider)
         return auth
 
@@ -250,7 +252,7 @@ def apply(sock: zmq.Socket, cfg: Config, *, serving: bool, server_key: bytes | N
     if not zmq.has("curve"):
         raise ConfigError("this libzmq has no CURVE support: install pyzmq with libsodium/CURVE, "
                           "or run without --keys-dir on loopback")
-    me = resolve_identity(cfg, sock.socket_type, address, serving, identity)
+    me = resolve_identity(cfg, sock.type, address, serving, identity)
     public, secret = key_pair(cfg, me)
     sock.curve_publickey, sock.curve_secretkey = public, secret
     if serving:

@@ -23,7 +23,7 @@ from lesft.config import Config
 from lesft.engine import ServerParty, is_step_round, rounds_per_epoch, run_fingerprint
 from lesft.lora import row_keys
 from lesft.methods import get_method
-from lesft.models import resolve
+from lesft.models import source_for
 from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
@@ -61,7 +61,7 @@ class Server(Worker):
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         super().__init__(cfg, 0)
         self.method = get_method(cfg.train.method)
-        self.source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+        self.source = source_for(cfg)
         self.party = ServerParty(cfg, self.source, self.method, meter=self.meter)
         self.meter.device = str(self.party.device)
         self.fingerprint, self.parts = run_fingerprint(cfg, self.source)
@@ -421,7 +421,7 @@ class CentralizedServer(Worker):
 
         super().__init__(cfg, 0)
         self.method = get_method(cfg.train.method)
-        self.source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+        self.source = source_for(cfg)
         shards, batch_size = party_layout(self.method, cfg, client_shards(cfg))
         centralized = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, client_device=cfg.train.device))
         self.party = ClientParty(centralized, self.source, self.method, 0, shards[0], self.source.load_tokenizer(),

@@ -1,0 +1,88 @@
+"""Commands on a finished run folder: ``summary``, ``combine``, ``export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lesft.cli import app, console
+from lesft.cli_options import fail, guarded
+from lesft.config import Config
+
+
+def _run_config(run: Path) -> Config:
+    if not run.is_dir():
+        fail(f"run folder not found: {run}. Pass --run runs/<run-id>.")
+    return Config.load(run / "config.json")
+
+
+@app.command()
+@guarded
+def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-id>)"),
+            eval_n: int = typer.Option(30, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
+            max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="generation budget per question"),
+            config: str = typer.Option(None, "--config", hidden=True, help="ignored: the run's own config.json is used")) -> None:
+    """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
+    from lesft.evaluate import evaluate, load_for_eval
+    from lesft.data import load_examples
+    from lesft.models import source_for
+    from lesft.report import print_run_summary
+
+    cfg = _run_config(run)
+    extra: list[tuple[str, str]] = []
+    if eval_n > 0:
+        if not (run / "adapter").is_dir():
+            fail(f"{run}/adapter is missing: the run did not finish (see {run}/logs or the workers' output).")
+        source = source_for(cfg)
+        tok = source.load_tokenizer()
+        split = "test"
+        examples = load_examples(cfg.data.dataset, split, data_dir=cfg.data.data_dir or None, n=eval_n,
+                                 seed=cfg.data.data_seed)
+        results = {}
+        for label, adapter in (("before", None), ("after", run / "adapter")):
+            with console.status(f"evaluating {label} fine-tuning on {len(examples)} held-out {cfg.data.dataset} "
+                                f"questions"):
+                model = load_for_eval(source, adapter)
+                results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens)
+        for label, res in results.items():
+            extra.append((f"accuracy {label} ({res.n} held-out {cfg.data.dataset} {split})",
+                          f"{100 * res.accuracy:.1f}%  [95% CI {100 * res.ci_low:.1f}–{100 * res.ci_high:.1f}]"))
+    print_run_summary(run, console, extra)
+
+
+@app.command()
+@guarded
+def combine(run: Path = typer.Option(..., "--run", help="run folder holding both sides' adapter files")) -> None:
+    """Combine per-side adapters into one PEFT adapter (when the parties ran on different machines)."""
+    from lesft.methods import get_method
+    from lesft.models import source_for
+    from lesft.trainer import combine_run
+
+    cfg = _run_config(run)
+    source = source_for(cfg)
+    for path in combine_run(run, cfg, source, get_method(cfg.train.method)):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+@guarded
+def export(run: Path = typer.Option(..., "--run", help="finished run folder"),
+           merge: Path = typer.Option(..., "--merge", help="output folder of the merged Hugging Face model"),
+           adapter: str = typer.Option("adapter", "--adapter", help="adapter folder inside the run (e.g. adapter-client2)")) -> None:
+    """Write a full Hugging Face model folder with the run's adapters merged (merge_and_unload)."""
+    from lesft.export import merged_model
+    from lesft.models import source_for
+
+    cfg = _run_config(run)
+    if not (run / adapter).is_dir():
+        fail(f"{run / adapter} not found: the run has not finished, or pick --adapter adapter-client<i>.")
+    if merge.exists() and any(merge.iterdir()):
+        fail(f"{merge} exists and is not empty: choose a new folder.")
+    source = source_for(cfg)
+    model = merged_model(source, run / adapter)
+    model.save_pretrained(merge)
+    source.load_tokenizer().save_pretrained(merge)
+    console.print(f"merged model written to [bold]{merge}[/] "
+                  f"({'random weights' if source.random_weights else source.spec} + {run / adapter}); "
+                  "load it with AutoModelForCausalLM.from_pretrained")
