@@ -14,6 +14,9 @@ in one process and one run:
   answers a BACKWARD with a same-size fp32 gradient encoded in the same wire dtype, as
   the real server does; the client decodes it and runs ``check_backward``. A round
   trip moves the activation twice, so one-way time = round trip / 2.
+- ``raw``: the activation's bytes echoed as one bare frame over the same sockets (no
+  codec, no checks, no casts): the floor the loopback sits on, so ``loop / raw`` is
+  what the codec and validation cost on top of ZeroMQ itself.
 - ``wire bytes``: the FORWARD's frames (empty delimiter, msgpack header, tensor frames)
   plus ZMTP 3 framing (2 bytes per frame up to 255 bytes, 9 above), over the
   activation's own bytes.
@@ -43,6 +46,7 @@ TARGET_SHAPE, TARGET_DTYPE = (4, 512, 576), "fp32"
 TARGET_GBPS = 1.0
 TARGET_OVERHEAD = 1.01
 VOCAB = 1 << 17  # token ids of the synthetic targets stay below this
+RAW_TAG = b"lesft-bench-raw"  # first body frame of a sockets-only echo (no codec)
 GB = 1e9
 
 
@@ -124,7 +128,8 @@ def echo_serve(address: str, max_message_mb: int = 512, stop: threading.Event | 
     """Serve FORWARD -> BACKWARD echoes on a ROUTER connected to ``address`` until a BYE
     (or ``stop``, or the parent process going away). Each FORWARD is decoded, checked
     like the server checks it, and answered with an fp32 ``grad`` of the activation's
-    shape encoded in the activation's wire dtype."""
+    shape encoded in the activation's wire dtype. A ``[RAW_TAG, payload]`` message is
+    sent straight back untouched (the sockets-only baseline)."""
     import zmq
 
     from lesft import wire
@@ -146,11 +151,15 @@ def echo_serve(address: str, max_message_mb: int = 512, stop: threading.Event | 
                 if parent_pid is not None and os.getppid() != parent_pid:
                     return
                 continue
-            inbound = chan.recv()
-            msg = inbound.msg
-            if msg is None:
-                chan.send(wire.error_message(inbound.error.code, inbound.error.text, role="server", sender=0),
-                          inbound.envelope)
+            frames = sock.recv_multipart(copy=False)
+            if len(frames) == 4 and len(frames[2]) == len(RAW_TAG) and frames[2].bytes == RAW_TAG:
+                sock.send_multipart(frames, copy=False)  # the sockets-only baseline: bytes straight back
+                continue
+            try:
+                envelope, body = wire.split_envelope(frames)
+                msg = wire.decode(body, chan.limits)
+            except wire.WireError as e:
+                chan.send(wire.error_message(e.code, e.text, role="server", sender=0), frames[:2])
                 continue
             if msg.type == MsgType.FORWARD:
                 act = msg.tensors.get("act")
@@ -159,7 +168,7 @@ def echo_serve(address: str, max_message_mb: int = 512, stop: threading.Event | 
                                        else wire.ModelLimits(1, 1, 1, 1))
                 except wire.WireError as e:
                     chan.send(wire.error_message(e.code, e.text, role="server", sender=0, round=msg.round,
-                                                 seq=msg.seq), inbound.envelope)
+                                                 seq=msg.seq), envelope)
                     continue
                 shape = tuple(act.shape)
                 if shape not in grads:
@@ -167,12 +176,12 @@ def echo_serve(address: str, max_message_mb: int = 512, stop: threading.Event | 
                     grads[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(1))
                 reply = Message(MsgType.BACKWARD, "server", 0, msg.run_id, msg.round, msg.seq,
                                 {"loss": 1.0}, {"grad": grads[shape]})
-                chan.send(reply, inbound.envelope, names[act.dtype])
+                chan.send(reply, envelope, names[act.dtype])
             elif msg.type == MsgType.BYE:
-                chan.send(Message(MsgType.BYE, "server", 0, msg.run_id, msg.round, msg.seq), inbound.envelope)
+                chan.send(Message(MsgType.BYE, "server", 0, msg.run_id, msg.round, msg.seq), envelope)
                 return
             else:
-                chan.send(Message(MsgType.HEARTBEAT, "server", 0, msg.run_id, msg.round, msg.seq), inbound.envelope)
+                chan.send(Message(MsgType.HEARTBEAT, "server", 0, msg.run_id, msg.round, msg.seq), envelope)
     finally:
         chan.close()
         ctx.term()
@@ -202,7 +211,8 @@ class EchoPeer:
         self._stop = threading.Event()
         self._stderr = tempfile.TemporaryFile()
         if mode == "process":
-            cmd = [sys.executable, "-m", "bench.transport", "echo", self.address, str(max_message_mb), str(os.getpid())]
+            cmd = [sys.executable, "-m", "bench.transport", "echo", self.address, str(max_message_mb), str(os.getpid()),
+                   str(torch.get_num_threads())]  # the child computes with as many threads as this process
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr)
         else:
             self.thread = threading.Thread(target=echo_serve, args=(self.address, max_message_mb, self._stop),
@@ -258,6 +268,17 @@ class EchoPeer:
             raise BenchError("echo server sent an undecodable reply")
         wire.raise_if_error(reply)
         wire.check_backward(reply, tuple(msg.tensors["act"].shape))
+
+    def raw_roundtrip(self, payload: memoryview) -> None:
+        """Send ``payload`` as a bare frame and receive it back: ZeroMQ over TCP loopback
+        with no codec, no validation, no casts (the floor under :meth:`roundtrip`)."""
+        sock = self.chan.sock
+        sock.send_multipart([b"", RAW_TAG, payload], copy=False)
+        if not sock.poll(int(self.timeout_s * 1000)):
+            raise BenchError(f"no raw echo from the echo server on {self.address} in {self.timeout_s:.0f}s.")
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) != 3 or len(frames[2]) != payload.nbytes:
+            raise BenchError("the raw echo came back with a different size")
 
     def close(self) -> None:
         from lesft.wire import Message, MsgType
@@ -319,9 +340,11 @@ def measure_case(shape: tuple[int, int, int], dtype: str, peer: EchoPeer, repeat
     def codec() -> None:
         wire.decode(wire.encode(msg, dtype))
 
-    times = time_interleaved({"memcpy": payload.clone, "codec": codec,
+    raw = memoryview(payload.reshape(-1).view(torch.uint8).numpy())
+    times = time_interleaved({"memcpy": payload.clone, "codec": codec, "raw": lambda: peer.raw_roundtrip(raw),
                               "loopback": lambda: peer.roundtrip(msg, dtype)}, repeat, min_seconds, warmup=2)
-    mem, cod, loop = (summarize(times[k]) for k in ("memcpy", "codec", "loopback"))
+    mem, cod, rawt, loop = (summarize(times[k]) for k in ("memcpy", "codec", "raw", "loopback"))
+    raw_gbps = act_bytes / (rawt["median_s"] / 2) / GB
     oneway = loop["median_s"] / 2
     mem_gbps = act_bytes / mem["median_s"] / GB
     codec_gbps = act_bytes / cod["median_s"] / GB
@@ -332,9 +355,10 @@ def measure_case(shape: tuple[int, int, int], dtype: str, peer: EchoPeer, repeat
         "wire_over_act": wire_bytes / act_bytes, "wire_over_tensors": wire_bytes / tensor_bytes,
         "memcpy_s": mem["median_s"], "memcpy_GBps": mem_gbps,
         "codec_s": cod["median_s"], "codec_GBps": codec_gbps, "codec_vs_memcpy": ratio(codec_gbps, mem_gbps),
+        "raw_roundtrip_s": rawt["median_s"], "raw_GBps": raw_gbps, "raw_vs_memcpy": ratio(raw_gbps, mem_gbps),
         "roundtrip_s": loop["median_s"], "oneway_s": oneway, "loopback_GBps": loop_gbps,
         "loopback_msgs_per_s": 1.0 / oneway, "loopback_vs_memcpy": ratio(loop_gbps, mem_gbps),
-        "loopback_spread": loop["spread"], "samples": repeat,
+        "loopback_vs_raw": ratio(loop_gbps, raw_gbps), "loopback_spread": loop["spread"], "samples": repeat,
     }
 
 
@@ -380,6 +404,7 @@ COLUMNS = [
     Column("codec_GBps", "codec GB/s", ".2f"), Column("codec_vs_memcpy", "codec /memcpy", ".2f"),
     Column("loopback_GBps", "loop GB/s", ".2f"), Column("loopback_msgs_per_s", "msg/s", ".0f"),
     Column("loopback_vs_memcpy", "loop /memcpy", ".3f"),
+    Column("raw_GBps", "raw zmq GB/s", ".2f"), Column("loopback_vs_raw", "loop /raw", ".2f"),
     Column("wire_over_act", "wire /act", ".4f"),
 ]
 
@@ -388,12 +413,15 @@ COLUMNS = [
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m bench.transport echo ADDRESS [MAX_MESSAGE_MB] [PARENT_PID]``."""
+    """``python -m bench.transport echo ADDRESS [MAX_MESSAGE_MB] [PARENT_PID] [TORCH_THREADS]``."""
     if len(argv) < 2 or argv[0] != "echo":
-        print("usage: python -m bench.transport echo ADDRESS [MAX_MESSAGE_MB] [PARENT_PID]", file=sys.stderr)
+        print("usage: python -m bench.transport echo ADDRESS [MAX_MESSAGE_MB] [PARENT_PID] [TORCH_THREADS]",
+              file=sys.stderr)
         return 2
     mb = int(argv[2]) if len(argv) > 2 else 512
     parent = int(argv[3]) if len(argv) > 3 else None
+    if len(argv) > 4:
+        torch.set_num_threads(int(argv[4]))
     echo_serve(argv[1], mb, parent_pid=parent)
     return 0
 

@@ -30,8 +30,8 @@ class Broker(Worker):
 
     def run(self) -> int:
         net = self.cfg.net
-        front = make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.broker_frontend)
-        back = make_socket(self.ctx, zmq.DEALER, self.cfg, bind=net.broker_backend)
+        front = make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.broker_frontend, identity="broker")
+        back = make_socket(self.ctx, zmq.DEALER, self.cfg, bind=net.broker_backend, identity="broker")
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)

@@ -90,7 +90,8 @@ def transport_command(
     notes = [f"{t['target']}: {t['value']:.4g} ({'met' if t['met'] else 'missed'})" for t in targets]
     notes.append("memcpy = clone() of the activation in its wire dtype; codec = encode (fp32 -> wire dtype) + "
                  "decode of a FORWARD; loopback = DEALER -> ROUTER echo over tcp://127.0.0.1 "
-                 f"({echo}), one way = round trip / 2, including both codecs and checks.")
+                 f"({echo}), one way = round trip / 2, including both codecs and checks; raw zmq = the same bytes "
+                 "echoed as one bare frame over the same sockets (no codec).")
     paths = write_results(out_dir, "transport", rows, config, tb.COLUMNS, title="lesft bench transport",
                           notes=notes, machine=machine)
     cfg.save(out_dir / "config.json")

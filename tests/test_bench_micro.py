@@ -94,6 +94,10 @@ def test_transport_command_writes_consistent_results(tmp_path):
         assert close(r["loopback_msgs_per_s"], 2 / r["roundtrip_s"])
         assert close(r["codec_vs_memcpy"], r["codec_GBps"] / r["memcpy_GBps"])
         assert close(r["loopback_vs_memcpy"], r["loopback_GBps"] / r["memcpy_GBps"])
+        assert r["raw_roundtrip_s"] > 0
+        assert close(r["raw_GBps"], r["act_bytes"] / (r["raw_roundtrip_s"] / 2) / 1e9)
+        assert close(r["raw_vs_memcpy"], r["raw_GBps"] / r["memcpy_GBps"])
+        assert close(r["loopback_vs_raw"], r["loopback_GBps"] / r["raw_GBps"])
     targets = doc["config"]["targets"]
     worst = max(doc["rows"], key=lambda r: r["wire_over_act"])
     assert targets[-1]["value"] == worst["wire_over_act"]

@@ -42,9 +42,10 @@ class Aggregator(Worker):
     def run(self) -> int:
         net = self.cfg.net
         limits = wire.Limits(max_total_bytes=net.max_message_mb * 2**20)
-        self.router = Channel(make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.aggregator_address), self.meter,
-                              routed=True, limits=limits)
-        self.pub = Channel(make_socket(self.ctx, zmq.PUB, self.cfg, bind=net.aggregator_pub), self.meter,
+        self.router = Channel(make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.aggregator_address,
+                                          identity="aggregator"), self.meter, routed=True, limits=limits)
+        self.pub = Channel(make_socket(self.ctx, zmq.PUB, self.cfg, bind=net.aggregator_pub, identity="aggregator"),
+                           self.meter,
                            routed=False, topic=True)
         self.log.info("aggregating %d clients: uploads on %s, broadcasts on %s", self.expected,
                       net.aggregator_address, net.aggregator_pub)

@@ -41,7 +41,7 @@ class Client(Worker):
     # ------------------------------------------------------------------ sockets
 
     def _dealer(self, address: str):
-        return lambda: make_socket(self.ctx, zmq.DEALER, self.cfg, connect=address)
+        return lambda: make_socket(self.ctx, zmq.DEALER, self.cfg, connect=address, identity=f"client-{self.id}")
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -183,7 +183,7 @@ class Client(Worker):
         """
         net = self.cfg.net
         self.agg = Peer("aggregator", self._dealer(net.aggregator_address), self.meter)
-        sub = make_socket(self.ctx, zmq.SUB, self.cfg, connect=net.aggregator_pub)
+        sub = make_socket(self.ctx, zmq.SUB, self.cfg, connect=net.aggregator_pub, identity=f"client-{self.id}")
         sub.setsockopt(zmq.SUBSCRIBE, MsgType.ADAPTERS.value.encode())
         sub.setsockopt(zmq.SUBSCRIBE, MsgType.HEARTBEAT.value.encode())
         self.sub = Channel(sub, self.meter, routed=False, topic=True)

@@ -61,8 +61,12 @@ def set_threads(cfg: Config) -> None:
 
 
 def make_socket(ctx: zmq.Context, kind: int, cfg: Config, *, bind: str | None = None,
-                connect: str | None = None, server_key: bytes | None = None) -> zmq.Socket:
-    """A socket with the project's options: no linger, a message size cap, CURVE when set up."""
+                connect: str | None = None, server_key: bytes | None = None,
+                identity: str | None = None) -> zmq.Socket:
+    """A socket with the project's options: no linger, a message size cap, CURVE when set up.
+
+    ``identity`` names the CurveZMQ key pair ("broker", "server", "aggregator", "client-<i>").
+    """
     from workers import security
 
     sock = ctx.socket(kind)
@@ -71,7 +75,8 @@ def make_socket(ctx: zmq.Context, kind: int, cfg: Config, *, bind: str | None = 
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     address = bind or connect
-    security.configure(sock, cfg, address=address, serving=bind is not None, server_key=server_key)
+    security.configure(sock, cfg, address=address, serving=bind is not None, server_key=server_key,
+                       identity=identity)
     if bind:
         sock.bind(bind)
     if connect:

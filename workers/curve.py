@@ -31,7 +31,6 @@ import atexit
 import logging
 import re
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -214,23 +213,6 @@ def endpoint_owner(cfg: Config, address: str | None) -> str | None:
     return None
 
 
-def _worker_identity() -> str | None:
-    """The identity of the worker making this socket, read from the calling frames.
-
-    A stop-gap for call sites that do not yet pass ``identity=`` to ``make_socket``.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        obj = frame.f_locals.get("self")
-        role, wid = getattr(obj, "role", None), getattr(obj, "id", None)
-        if role == "client" and isinstance(wid, int):
-            return f"client-{wid}"
-        if role in ROLES:
-            return role
-        frame = frame.f_back
-    return None
-
-
 def resolve_identity(cfg: Config, kind: int, address: str | None, serving: bool, identity: str | None) -> str:
     if identity:
         return identity
@@ -239,9 +221,6 @@ def resolve_identity(cfg: Config, kind: int, address: str | None, serving: bool,
         return owner
     if not serving and kind == zmq.ROUTER and address == cfg.net.broker_backend:
         return "server"
-    found = _worker_identity()
-    if found:
-        return found
     raise ConfigError(f"cannot tell which CurveZMQ key pair the socket for {address} should use: "
                       "pass identity= to make_socket")
 

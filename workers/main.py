@@ -29,6 +29,7 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
            *, cfg: Config) -> None:
     """Run one role of a LESFT system."""
     from lesft.wire import WireError
+    from workers import security
     from workers.common import WorkerError
 
     if role not in ROLES:
@@ -53,9 +54,11 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
 
             code = Client(cfg, worker_id).run()
     except (WorkerError, WireError) as e:
-        fail(f"{role}: {e}", code=1)
+        fail(f"{role}: {security.refusal() or e}", code=1)
     except (OSError, zmq.ZMQError) as e:  # e.g. an address already in use
         fail(f"{role}: {e} (check the --broker-*/--aggregator-* addresses)", code=1)
+    if security.refusal():  # a peer refused our CurveZMQ key: the loop stopped, but this is a failure
+        fail(f"{role}: {security.refusal()}", code=1)
     raise typer.Exit(code)
 
 

@@ -106,7 +106,7 @@ class Server(Worker):
     # ------------------------------------------------------------------ loop
 
     def run(self) -> int:
-        sock = make_socket(self.ctx, zmq.ROUTER, self.cfg, connect=self.cfg.net.broker_backend)
+        sock = make_socket(self.ctx, zmq.ROUTER, self.cfg, connect=self.cfg.net.broker_backend, identity="server")
         limits = wire.Limits(max_total_bytes=self.cfg.net.max_message_mb * 2**20)
         self.chan = Channel(sock, self.meter, routed=True, limits=limits)
         self.log.info("%s on %s: layers %d..%d of %d, waiting for %d clients via %s", self.method.label,
