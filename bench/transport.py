@@ -3,8 +3,10 @@
 For each activation shape ``[B, T, H]`` and wire dtype (fp32, bf16, fp16) it measures,
 in one process and one run:
 
-- ``memcpy``: ``clone()`` of the activation already in its wire dtype (the baseline: the
-  least any transport must do once);
+- ``memcpy``: ``bytearray(memoryview)`` of the activation already in its wire dtype (the
+  baseline: one allocation and one single-threaded copy, the least a transport does
+  once; unlike ``clone()`` it does not scale with torch's thread count, so the ratios
+  compare across machines and ``--threads``);
 - ``codec``: :func:`lesft.wire.encode` of a real FORWARD (fp32 activation cast to the
   wire dtype, plus ``lengths``/``y_start``/``y_len``/``targets``) and
   :func:`lesft.wire.decode` of its frames (validation and the finite check included);
@@ -248,9 +250,29 @@ class EchoPeer:
                 raise BenchError(f"no reply from the echo server on {self.address} in {self.timeout_s:.0f}s.")
 
     def _hello(self) -> None:
+        """Wait for the echo server: a DEALER blocks on send until a peer connects, so send
+        with a timeout and watch the child meanwhile (a child that fails to start says why)."""
+        import zmq
+
         from lesft.wire import Message, MsgType
 
-        self.chan.send(Message(MsgType.HEARTBEAT, "client", 0, "bench", -1, 0))
+        sock = self.chan.sock
+        sock.setsockopt(zmq.SNDTIMEO, 200)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while True:
+                try:
+                    self.chan.send(Message(MsgType.HEARTBEAT, "client", 0, "bench", -1, 0))
+                    break
+                except zmq.Again:
+                    if self.proc is not None and self.proc.poll() is not None:
+                        raise BenchError(f"the echo process exited with status {self.proc.returncode}: "
+                                         f"{self._child_error()}") from None
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"the echo server never connected to {self.address} in "
+                                         f"{self.timeout_s:.0f}s.") from None
+        finally:
+            sock.setsockopt(zmq.SNDTIMEO, -1)
         self._await(0)
 
     def roundtrip(self, msg, float_dtype: str) -> None:
@@ -341,7 +363,7 @@ def measure_case(shape: tuple[int, int, int], dtype: str, peer: EchoPeer, repeat
         wire.decode(wire.encode(msg, dtype))
 
     raw = memoryview(payload.reshape(-1).view(torch.uint8).numpy())
-    times = time_interleaved({"memcpy": payload.clone, "codec": codec, "raw": lambda: peer.raw_roundtrip(raw),
+    times = time_interleaved({"memcpy": lambda: bytearray(raw), "codec": codec, "raw": lambda: peer.raw_roundtrip(raw),
                               "loopback": lambda: peer.roundtrip(msg, dtype)}, repeat, min_seconds, warmup=2)
     mem, cod, rawt, loop = (summarize(times[k]) for k in ("memcpy", "codec", "raw", "loopback"))
     raw_gbps = act_bytes / (rawt["median_s"] / 2) / GB

@@ -88,7 +88,7 @@ def transport_command(
                         "wire_bytes": "delimiter + header + tensor frames + ZMTP framing"},
               "settings": cfg.to_dict()}
     notes = [f"{t['target']}: {t['value']:.4g} ({'met' if t['met'] else 'missed'})" for t in targets]
-    notes.append("memcpy = clone() of the activation in its wire dtype; codec = encode (fp32 -> wire dtype) + "
+    notes.append("memcpy = bytearray(memoryview) of the activation in its wire dtype (one single-threaded copy); codec = encode (fp32 -> wire dtype) + "
                  "decode of a FORWARD; loopback = DEALER -> ROUTER echo over tcp://127.0.0.1 "
                  f"({echo}), one way = round trip / 2, including both codecs and checks; raw zmq = the same bytes "
                  "echoed as one bare frame over the same sockets (no codec).")

@@ -69,7 +69,7 @@ def eval_command(
     from lesft.data import load_examples
     from lesft.engine import dtype_of, resolve_device
     from lesft.evaluate import evaluate, load_for_eval, write_records, write_summary
-    from lesft.models import resolve
+    from lesft.models import source_for
 
     if limit is not None and limit < 1:
         fail(f"--limit {limit} is not valid: evaluate at least 1 question.")
@@ -82,7 +82,7 @@ def eval_command(
     examples = load_examples(cfg.data.dataset, split, n=limit, seed=cfg.data.data_seed,
                              data_dir=cfg.data.data_dir or None)
     device = resolve_device(cfg.train.device)
-    source = resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
+    source = source_for(cfg)
     path = Path(out) if out else default_output(adapter, cfg.data.dataset, split, cfg.run.runs_dir)
     if path.suffix != ".jsonl":
         fail(f"--out {path} should end in .jsonl (the summary goes beside it as .json).")

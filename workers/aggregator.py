@@ -21,7 +21,7 @@ from lesft.lora import save_adapters
 from lesft.trainer import GLOBAL_CLIENT_FILE
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers import security
-from workers.common import Channel, Inbound, Worker, make_socket, reply_error
+from workers.common import Channel, Inbound, Sessions, Worker, make_socket, reply_error
 
 
 class Aggregator(Worker):
@@ -36,6 +36,7 @@ class Aggregator(Worker):
         self.latest: Message | None = None
         self.byes: set[int] = set()
         self.done_at: float | None = None
+        self.sessions = Sessions(takeover_after=5 * cfg.net.heartbeat_s)
         self.deadlines: dict[int, float] = {}  # round -> when its first upload arrived
         self.failed: dict[int, str] = {}
 
@@ -83,10 +84,18 @@ class Aggregator(Worker):
                 raise WireError(ErrorCode.BAD_TYPE, f"the aggregator does not take {msg.type.value} messages")
             if msg.role == "client":
                 security.authorise(inbound.envelope, msg.sender, self.cfg)
+            if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT
+                                                  and msg.sender not in self.sessions.owner):
+                self.sessions.check(msg)
             handler(inbound, msg)
         except WireError as e:
             self.meter.count(f"rejected.{e.code.value}")
             reply_error(self.router, inbound, e, self.role, self.id, self.run_id, self.log)
+        except Exception as e:  # noqa: BLE001 - one bad message must never take the aggregator down
+            self.log.exception("internal error on %s from %s-%s", msg.type.value, msg.role, msg.sender)
+            self.meter.count("rejected.internal")
+            reply_error(self.router, inbound, WireError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"), self.role,
+                        self.id, self.run_id, self.log)
 
     def ack(self, inbound: Inbound, msg: Message, **meta) -> None:
         self.router.send(self.message(MsgType.ACK, msg.round, msg.seq, meta), inbound.envelope)
@@ -96,6 +105,7 @@ class Aggregator(Worker):
         cid = msg.meta["client_id"]
         if cid != msg.sender or cid >= self.expected:
             raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1}")
+        self.sessions.register(cid, msg.meta.get("session"), self.log)
         if cid not in self.registered:
             self.log.info("client %d subscribed (%d/%d)", cid, len(self.registered) + 1, self.expected)
         self.registered[cid] = msg.meta["n_samples"]
@@ -106,8 +116,6 @@ class Aggregator(Worker):
         self.router.send(self.message(MsgType.HEARTBEAT, msg.round, msg.seq, {"have": False}), inbound.envelope)
 
     def on_upload(self, inbound: Inbound, msg: Message) -> None:
-        if msg.sender not in self.registered:
-            raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client {msg.sender} is not registered: send HELLO first")
         wire.check_upload(msg, self.schema)
         if self.latest is not None and msg.round <= self.latest.round:
             # already aggregated (a retried upload): the answer is the broadcast

@@ -7,6 +7,7 @@ Text and the tokenizer never leave this process: the server sees activations and
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import zmq
@@ -37,11 +38,18 @@ class Client(Worker):
         self.fingerprint, self.parts = run_fingerprint(cfg, self.source)
         self.seq = 0
         self.global_round = -1  # round of the last global adapters loaded
+        state = self.load_state()
+        # who speaks for this client id: kept across a restart through the state file
+        self.session = state["session"] if state and state.get("session") else secrets.token_hex(16)
 
     # ------------------------------------------------------------------ sockets
 
     def _dealer(self, address: str):
         return lambda: make_socket(self.ctx, zmq.DEALER, self.cfg, connect=address, identity=f"client-{self.id}")
+
+    def message(self, t: MsgType, round_: int = -1, seq: int = 0, meta: dict | None = None,
+                tensors: dict | None = None) -> Message:
+        return super().message(t, round_, seq, {**(meta or {}), "session": self.session}, tensors)
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -100,7 +108,7 @@ class Client(Worker):
         """After every round: enough to resume exactly after a crash (adapters, optimiser, grads)."""
         with self.meter.phase("checkpoint"):
             checkpoint.save(self.state_path, {"round": next_round, "fingerprint": self.fingerprint,
-                                              "party": self.party.state()})
+                                              "session": self.session, "party": self.party.state()})
 
     def load_state(self) -> dict | None:
         state = checkpoint.load(self.state_path)
@@ -150,6 +158,7 @@ class Client(Worker):
         else:
             start = max(server_round, 0)
             self.load_latest_global(0, start, rounds)
+        self.save_state(start)  # also keeps the session, so a restart speaks as this client again
         self.log.info("registered: rounds %d..%d", start, rounds - 1)
         return start, rounds
 

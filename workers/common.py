@@ -244,7 +244,8 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
                 continue
             now = time.monotonic()
             if now >= next_beat:
-                chan.send(Message(MsgType.HEARTBEAT, msg.role, msg.sender, msg.run_id, msg.round, msg.seq))
+                session = {"session": msg.meta["session"]} if "session" in msg.meta else {}
+                chan.send(Message(MsgType.HEARTBEAT, msg.role, msg.sender, msg.run_id, msg.round, msg.seq, session))
                 next_beat = now + cfg.net.heartbeat_s
             if now - peer.last_heard > cfg.net.request_timeout_s:
                 tries += 1
@@ -255,6 +256,45 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
                             cfg.net.request_timeout_s, tries, cfg.net.retries)
                 peer.reset()
                 break
+
+
+class Sessions:
+    """Which process speaks for each client id: the random session id of its HELLO.
+
+    Every later message of that client carries the session; one that does not is refused
+    (another process using the id, a replay, a fuzzer). A new session takes an id over
+    only when the old one has been silent for ``takeover_after`` seconds (a client that
+    restarted without its state file); a restarted client normally reuses its saved one.
+    """
+
+    def __init__(self, takeover_after: float) -> None:
+        self.takeover_after = takeover_after
+        self.owner: dict[int, str] = {}
+        self.seen: dict[int, float] = {}
+
+    def register(self, cid: int, session: object, log: logging.Logger | None = None) -> None:
+        if not isinstance(session, str) or not 8 <= len(session) <= 128:
+            raise WireError(ErrorCode.BAD_FIELD, "meta session must be a string of 8..128 characters")
+        old = self.owner.get(cid)
+        now = time.monotonic()
+        if old is not None and old != session:
+            silent = now - self.seen.get(cid, 0.0)
+            if silent < self.takeover_after:
+                raise WireError(ErrorCode.DUPLICATE_CLIENT,
+                                f"client {cid} is registered by another live process (heard {silent:.0f}s ago): "
+                                "give each client its own --id")
+            if log is not None:
+                log.info("client %d re-registered with a new session (old one silent for %.0fs)", cid, silent)
+        self.owner[cid], self.seen[cid] = session, now
+
+    def check(self, msg: Message) -> None:
+        cid = msg.sender
+        if cid not in self.owner:
+            raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client {cid} is not registered: send HELLO first")
+        if msg.meta.get("session") != self.owner[cid]:
+            raise WireError(ErrorCode.UNAUTHORISED, f"message for client {cid} does not carry its session: "
+                                                    "another process uses this client id")
+        self.seen[cid] = time.monotonic()
 
 
 class Worker:

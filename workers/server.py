@@ -28,7 +28,7 @@ from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
 from workers import security
-from workers.common import Channel, Inbound, Worker, make_socket, reply_error
+from workers.common import Channel, Inbound, Sessions, Worker, make_socket, reply_error
 
 _WIRE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -81,6 +81,7 @@ class Server(Worker):
         self.round_replies: dict[int, tuple[Message, torch.dtype]] = {}
         self.held: dict[int, tuple[list, int]] = {}  # envelope and seq to answer each served client on
         self.round_started = time.monotonic()
+        self.sessions = Sessions(takeover_after=5 * cfg.net.heartbeat_s)
         self.checkpoint_path = self.run_dir / "server-checkpoint.pt"
         if resume:
             self._resume()
@@ -96,6 +97,7 @@ class Server(Worker):
         self.party.restore(state["party"])
         self.round, self.rounds = state["round"], state["rounds"]
         self.clients = {int(cid): ClientSlot(n, [], welcomed=False) for cid, n in state["clients"].items()}
+        self.sessions.owner.update({int(c): s for c, s in state.get("sessions", {}).items()})
         dtypes = {v: k for k, v in _WIRE_NAME.items()}
         for cid, c in state.get("replies", {}).items():
             tensors = {"grad": c["grad"]} if c["grad"] is not None else {}
@@ -154,10 +156,18 @@ class Server(Worker):
                 raise WireError(ErrorCode.BAD_TYPE, f"the server does not take {msg.type.value} messages")
             if msg.role == "client":
                 security.authorise(inbound.envelope, msg.sender, self.cfg)
+            if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT
+                                                  and msg.sender not in self.sessions.owner):
+                self.sessions.check(msg)
             handler(inbound, msg)
         except WireError as e:
             self.meter.count(f"rejected.{e.code.value}")
             reply_error(self.chan, inbound, e, self.role, self.id, self.run_id, self.log)
+        except Exception as e:  # noqa: BLE001 - one bad message must never take the server down
+            self.log.exception("internal error on %s from %s-%s", msg.type.value, msg.role, msg.sender)
+            self.meter.count("rejected.internal")
+            reply_error(self.chan, inbound, WireError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"), self.role,
+                        self.id, self.run_id, self.log)
 
     # ------------------------------------------------------------------ handlers
 
@@ -173,6 +183,7 @@ class Server(Worker):
                     if theirs.get(k) != v] or ["base model config"]
             raise WireError(ErrorCode.FINGERPRINT_MISMATCH, f"model mismatch ({'; '.join(diff)}): "
                                                             "start both sides with the same settings")
+        self.sessions.register(cid, msg.meta.get("session"), self.log)
         slot = self.clients.get(cid)
         if slot is None:
             slot = self.clients[cid] = ClientSlot(msg.meta["n_samples"], inbound.envelope)
@@ -229,9 +240,9 @@ class Server(Worker):
         self.reply(inbound, self.message(MsgType.HEARTBEAT, msg.round, msg.seq, {"have": have}))
 
     def on_forward(self, inbound: Inbound, msg: Message) -> None:
-        slot = self.clients.get(msg.sender)
-        if slot is None or self.rounds is None:
-            raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client {msg.sender} is not registered: send HELLO first")
+        slot = self.clients[msg.sender]
+        if self.rounds is None:
+            raise WireError(ErrorCode.NOT_READY, "the run has not started: waiting for all clients to register")
         wire.check_forward(msg, self.limits)
         slot.last_seen = time.monotonic()
         if msg.round < self.round or (msg.round == self.round and msg.sender in self.served):
@@ -391,7 +402,7 @@ class Server(Worker):
             checkpoint.save(self.checkpoint_path, {
                 "fingerprint": self.fingerprint, "party": self.party.state(), "round": self.round,
                 "rounds": self.rounds, "clients": {cid: s.n_samples for cid, s in self.clients.items()},
-                "replies": cache})
+                "sessions": dict(self.sessions.owner), "replies": cache})
 
     def complete_run(self) -> None:
         """All rounds served and every client said BYE: save, combine, answer DONE."""
