@@ -320,8 +320,12 @@ class Worker:
         return Message(t, self.role, self.id, self.run_id, round_, seq, meta or {}, tensors or {})
 
     def record(self, event: str, **fields) -> None:
+        """One metrics line, with the running totals a benchmark needs to cut out one epoch."""
         self.meter.sample_memory()
-        self.metrics.write({"event": event, **fields})
+        m = self.meter
+        totals = {"total_sent": sum(m.bytes_sent.values()), "total_received": sum(m.bytes_received.values()),
+                  "compute_total_s": sum(v for k, v in m.compute_s.items() if k != "checkpoint"), "t": m.wall_s()}
+        self.metrics.write({"event": event, **totals, **fields})
 
     def finish(self, **fields) -> None:
         self.metrics.write({"event": "final", **self.meter.snapshot(), **fields})
