@@ -69,6 +69,14 @@ def is_aggregation_round(r: int, total: int, every: int) -> bool:
     return (r + 1) % every == 0 or r == total - 1
 
 
+def batch_indices(seed: int, client_id: int, n_samples: int, batch_size: int, r: int) -> list[int]:
+    """A client's example indices in round ``r``: its own seeded permutation per epoch, cycled."""
+    epoch, b = divmod(r, rounds_per_epoch(n_samples, batch_size))
+    g = torch.Generator().manual_seed(lora._mix(seed, client_id, epoch))
+    order = torch.randperm(n_samples, generator=g).tolist()
+    return order[b * batch_size:(b + 1) * batch_size]
+
+
 # --------------------------------------------------------------------------- shared pieces
 
 
@@ -208,12 +216,7 @@ class ClientParty(_Trainable):
     # -- data
 
     def batch(self, r: int) -> Batch:
-        """Round ``r``'s batch: the client's own seeded permutation per epoch, cycled."""
-        per_epoch = rounds_per_epoch(self.n_samples, self.batch_size)
-        epoch, b = divmod(r, per_epoch)
-        g = torch.Generator().manual_seed(lora._mix(self.cfg.train.seed, self.client_id, epoch))
-        order = torch.randperm(self.n_samples, generator=g).tolist()
-        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        idx = batch_indices(self.cfg.train.seed, self.client_id, self.n_samples, self.batch_size, r)
         return collate([self.data[i] for i in idx], self.pad_id)
 
     def keys(self, r: int, n_rows: int) -> torch.Tensor:

@@ -191,11 +191,11 @@ class Client(Worker):
         before it broadcasts anything.
         """
         net = self.cfg.net
-        self.agg = Peer("aggregator", self._dealer(net.aggregator_address), self.meter)
+        self.agg = Peer("aggregator", self._dealer(net.aggregator_address), self.meter, prefix="agg.")
         sub = make_socket(self.ctx, zmq.SUB, self.cfg, connect=net.aggregator_pub, identity=f"client-{self.id}")
         sub.setsockopt(zmq.SUBSCRIBE, MsgType.ADAPTERS.value.encode())
         sub.setsockopt(zmq.SUBSCRIBE, MsgType.HEARTBEAT.value.encode())
-        self.sub = Channel(sub, self.meter, routed=False, topic=True)
+        self.sub = Channel(sub, self.meter, routed=False, topic=True, prefix="agg.")
         deadline = time.monotonic() + net.register_timeout_s
         while not self.sub.sock.poll(200):
             if self.stop.is_set() or time.monotonic() > deadline:

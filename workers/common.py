@@ -102,9 +102,10 @@ class Channel:
     """A socket plus accounting: every send and receive is counted in the worker's Meter."""
 
     def __init__(self, sock: zmq.Socket, meter: Meter, *, routed: bool, limits: wire.Limits | None = None,
-                 topic: bool = False) -> None:
+                 topic: bool = False, prefix: str = "") -> None:
         self.sock, self.meter, self.routed, self.topic = sock, meter, routed, topic
         self.limits = limits or wire.Limits()
+        self.prefix = prefix  # counts this channel's traffic apart, e.g. "agg." for the aggregator
 
     def send(self, msg: Message, envelope: Sequence = (), float_dtype: str | None = None) -> int:
         frames = wire.encode(msg, float_dtype)
@@ -114,7 +115,7 @@ class Channel:
         out = head + frames
         self.sock.send_multipart(out, copy=False)
         n = frames_bytes(frames)
-        self.meter.sent(msg.type.value, n)
+        self.meter.sent(self.prefix + msg.type.value, n)
         return n
 
     def recv(self) -> Inbound:
@@ -129,7 +130,7 @@ class Channel:
                 envelope, body = wire.split_envelope(frames)
             msg = wire.decode(body, self.limits)
         except WireError as e:
-            self.meter.received("invalid", n)
+            self.meter.received(self.prefix + "invalid", n)
             self.meter.count(f"rejected.{e.code.value}")
             env = []
             if self.routed:
@@ -138,7 +139,7 @@ class Channel:
                 except WireError:
                     env = []
             return Inbound(env, None, e, n)
-        self.meter.received(msg.type.value, n - frames_bytes(envelope))
+        self.meter.received(self.prefix + msg.type.value, n - frames_bytes(envelope))
         return Inbound(envelope, msg, None, n)
 
     def close(self) -> None:
@@ -169,12 +170,13 @@ class Peer:
     factory: Callable[[], zmq.Socket]
     meter: Meter
     limits: wire.Limits = field(default_factory=wire.Limits)
+    prefix: str = ""
     chan: Channel | None = None
     last_heard: float = field(default_factory=time.monotonic)
 
     def channel(self) -> Channel:
         if self.chan is None:
-            self.chan = Channel(self.factory(), self.meter, routed=False, limits=self.limits)
+            self.chan = Channel(self.factory(), self.meter, routed=False, limits=self.limits, prefix=self.prefix)
         return self.chan
 
     def reset(self) -> None:
@@ -324,6 +326,7 @@ class Worker:
         self.meter.sample_memory()
         m = self.meter
         totals = {"total_sent": sum(m.bytes_sent.values()), "total_received": sum(m.bytes_received.values()),
+                  "sent_by_type": dict(m.bytes_sent), "received_by_type": dict(m.bytes_received),
                   "compute_total_s": sum(v for k, v in m.compute_s.items() if k != "checkpoint"), "t": m.wall_s()}
         self.metrics.write({"event": event, **totals, **fields})
 

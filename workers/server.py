@@ -343,6 +343,10 @@ class Server(Worker):
             self.held[q.msg.sender] = (q.envelope, q.msg.seq)
             self.served.add(q.msg.sender)
         self._accumulate(res)
+        acc = self.round_acc  # padded tokens per path, for the paper's communication accounting
+        acc["act_tokens"] = acc.get("act_tokens", 0) + sum(p.act.shape[0] * p.act.shape[1] for p in parts)
+        acc["ref_tokens"] = acc.get("ref_tokens", 0) + sum(p.ref_act.shape[0] * p.ref_act.shape[1]
+                                                            for p in parts if p.ref_act is not None)
         if self.served >= self.required():
             self.close_round()
 
@@ -370,6 +374,7 @@ class Server(Worker):
         record = {"round": r, "rounds": self.rounds, "loss": acc.get("loss_sum", 0.0) / max(acc.get("rows", 0), 1),
                   "rows": acc.get("rows", 0), "tokens": acc.get("tokens", 0), "clients": sorted(self.served),
                   "microbatches": acc.get("microbatches", 0), "stepped": stepped, "failed": failed,
+                  "act_tokens": acc.get("act_tokens", 0), "ref_tokens": acc.get("ref_tokens", 0),
                   "wall_s": self.meter.wall_s()}
         record.update({k[:-4]: v / tokens for k, v in acc.items() if k.endswith("_sum") and k != "loss_sum"})
         self.record("round", **record)
