@@ -5,14 +5,16 @@ Generation is a plain greedy loop over the causal LM with a KV cache. Prompts ar
 padded and ``position_ids`` come from the attention mask (as in training, see
 :func:`lesft.split.position_ids`), so a row's tokens do not depend on the batch it sits
 in: batch size 1 and batch size 16 give the same text (up to floating-point summation
-order, which only matters at exact near-ties of the top two logits). Finished rows leave
-the batch (their cache rows are dropped), so one long answer does not keep seven
-finished rows computing.
+order, which only matters at near-ties of the top two logits). Batching is continuous:
+a finished row leaves the batch and the next prompts join the running one, so a long
+answer does not hold idle slots (on the GSM8K workload of a base model most answers end
+within 30 tokens and a few run to the limit).
 
-A row stops at EOS, after ``max_new_tokens``, or (``stop_at_newline_question``) once
-the model has started the next example ("\\nQuestion:" and the other restarts that
-:func:`lesft.answers.truncate_continuation` cuts at): nothing after that point can change
-the extracted answer, and a base model spends most of its tokens inventing new questions.
+A row stops at EOS (or any other special token), after ``max_new_tokens``, or
+(``stop_at_newline_question``) once the model has started the next example
+("\\nQuestion:" and the other restarts that :func:`lesft.answers.truncate_continuation`
+cuts at): nothing after that point can change the extracted answer, and a base model
+often goes on to invent new questions.
 """
 
 from __future__ import annotations

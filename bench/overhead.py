@@ -1,0 +1,182 @@
+"""``lesft bench overhead``: the paper's Table 2 for real processes on this machine.
+
+Each method runs through the launcher (loopback) for ``warmup`` rounds plus one epoch;
+every worker's metrics file carries running totals (bytes, compute seconds, wall
+clock) in its round records, so the epoch is the difference between the last record
+and the one that closes the warm-up. Per party:
+
+- memory: peak RSS of the process (CPU) or ``torch.cuda.max_memory_allocated`` (GPU);
+- communication: bytes sent + received in the epoch (clients summed, as the paper's
+  "total"); the aggregator's traffic is counted apart;
+- latency: compute seconds in the epoch (forward, backward, loss, optimizer; the mean
+  over clients), beside the epoch's wall time.
+
+For LESFT the paper's own accounting of the same run is computed from the padded tokens
+the server saw: fp32 activations of both paths up, fp32 gradients of both paths down,
+int64 labels of both paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Sequence
+
+from lesft.config import Config
+from lesft.methods import get_method
+from lesft.metrics import read_jsonl
+
+METHODS = ("centralized", "sl", "splitlora", "splitfrozen", "fedavg", "lesft")
+MB = 2**20
+
+
+@dataclasses.dataclass
+class PartyEpoch:
+    """One process's cost over the measured epoch."""
+
+    bytes_total: float
+    bytes_split: float  # to/from the server (not the aggregator)
+    compute_s: float
+    wall_s: float
+    peak_mb: float | None
+    sent_by_type: dict
+    received_by_type: dict
+
+
+def _window(records: list[dict], warmup: int) -> tuple[dict, dict]:
+    """(record closing the warm-up or zeros, last record) among the round-like records."""
+    zero = {"total_sent": 0, "total_received": 0, "compute_total_s": 0.0, "t": None,
+            "sent_by_type": {}, "received_by_type": {}}
+    before = [r for r in records if r.get("round", -1) < warmup]
+    return (before[-1] if before and warmup > 0 else zero), records[-1]
+
+
+def _delta_types(end: dict, start: dict, key: str) -> dict:
+    a, b = end.get(key, {}), start.get(key, {})
+    return {k: v - b.get(k, 0) for k, v in a.items() if v - b.get(k, 0)}
+
+
+def party_epoch(path: Path, warmup: int, device: str) -> PartyEpoch | None:
+    """The epoch of one worker from its metrics file (None when it has no round records)."""
+    if not path.is_file():
+        return None
+    recs = read_jsonl(path)
+    rounds = [r for r in recs if r.get("event") in ("round", "aggregation") and "total_sent" in r]
+    final = next((r for r in reversed(recs) if r.get("event") == "final"), {})
+    if not rounds:
+        return None
+    start, end = _window(rounds, warmup)
+    sent, recv = _delta_types(end, start, "sent_by_type"), _delta_types(end, start, "received_by_type")
+    split = sum(v for d in (sent, recv) for k, v in d.items() if not k.startswith("agg."))
+    t0 = start["t"] or 0.0  # without warm-up the window starts at process start (model loading included)
+    peak = final.get("cuda_peak_mb") if device == "cuda" and final.get("cuda_peak_mb") else final.get("peak_rss_mb")
+    return PartyEpoch(bytes_total=(end["total_sent"] + end["total_received"])
+                      - (start["total_sent"] + start["total_received"]),
+                      bytes_split=split, compute_s=end["compute_total_s"] - start["compute_total_s"],
+                      wall_s=end["t"] - t0, peak_mb=peak, sent_by_type=sent, received_by_type=recv)
+
+
+def paper_accounting_bytes(server_rounds: list[dict], warmup: int, hidden: int) -> float:
+    """The paper's LESFT communication for the same rounds: fp32 activations of both paths
+    up, fp32 gradients of both paths down, int64 labels of both paths."""
+    tokens = sum(r.get("act_tokens", 0) + r.get("ref_tokens", 0) for r in server_rounds if r["round"] >= warmup)
+    return tokens * (4 * hidden * 2 + 8)
+
+
+def measure(run_dir: Path, method: str, warmup: int, hidden: int, device: str, clients: int) -> dict:
+    """One row of the table from a finished run folder."""
+    m = get_method(method)
+    cl = [p for i in range(clients) if (p := party_epoch(run_dir / f"client-{i}.jsonl", warmup, "cpu"))]
+    sv = party_epoch(run_dir / "server-0.jsonl", warmup, device)
+    ag = party_epoch(run_dir / "aggregator-0.jsonl", warmup, "cpu")
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    row: dict = {"method": method, "label": m.label}
+    if m.centralized:
+        row.update(mem_client_mb=None, comm_client_mb=None, lat_client_s=None)
+    else:
+        row.update(mem_client_mb=mean([p.peak_mb for p in cl if p.peak_mb]),
+                   comm_client_mb=sum(p.bytes_total for p in cl) / MB,
+                   lat_client_s=mean([p.compute_s for p in cl]))
+    if m.split or m.centralized:
+        row.update(mem_server_mb=sv.peak_mb if sv else None, lat_server_s=sv.compute_s if sv else None,
+                   comm_server_mb=(sv.bytes_total / MB) if sv and m.split else None)
+    else:  # fedavg: the aggregator is the only other party
+        row.update(mem_server_mb=ag.peak_mb if ag else None, lat_server_s=ag.compute_s if ag else None,
+                   comm_server_mb=(ag.bytes_total / MB) if ag else None)
+    row["comm_split_mb"] = sum(p.bytes_split for p in cl) / MB if cl else None
+    row["comm_aggregator_mb"] = ag.bytes_total / MB if ag else None
+    walls = [p.wall_s for p in cl] + ([sv.wall_s] if sv else [])
+    row["wall_epoch_s"] = max(walls) if walls else None
+    if sv is not None:
+        rounds = [r for r in read_jsonl(run_dir / "server-0.jsonl") if r.get("event") == "round"]
+        epoch = [r for r in rounds if r["round"] >= warmup]
+        row["final_loss"] = epoch[-1].get("loss") if epoch else None
+        row["epoch_loss"] = sum(r.get("loss", 0.0) for r in epoch) / len(epoch) if epoch else None
+        if m.split:
+            row["paper_comm_mb"] = paper_accounting_bytes(rounds, warmup, hidden) / MB if m.loss == "lesft" else None
+            fwd = sum(p.sent_by_type.get("forward", 0) for p in cl)
+            bwd = sum(p.received_by_type.get("backward", 0) for p in cl)
+            row["forward_mb"], row["backward_mb"] = fwd / MB, bwd / MB
+    return row
+
+
+def run_method(cfg: Config, method: str, warmup: int, out_dir: Path, wire_dtype: str, timeout_s: float,
+               tag: str = "") -> Path:
+    from workers.launch import launch
+
+    per_epoch = max(1, math.ceil(cfg.data.samples_per_client / cfg.train.batch_size))
+    run_id = f"{method}{tag}"
+    c = cfg.replace(method=method, rounds=warmup + per_epoch, run_id=run_id, runs_dir=str(out_dir / "runs"),
+                    wire_dtype=wire_dtype)
+    launch(c, timeout_s=timeout_s)
+    return out_dir / "runs" / run_id
+
+
+def targets(rows: Sequence[dict]) -> list[dict]:
+    """The issue's targets, each from figures of this run (missing rows: skipped)."""
+    by = {r["row"]: r for r in rows}
+    out = []
+    lb, lf, sl, ce = by.get("lesft@bf16"), by.get("lesft@fp32"), by.get("splitlora@fp32"), by.get("centralized@fp32")
+    if lb and lb.get("paper_comm_mb"):
+        out.append({"target": "LESFT bf16 communication / paper accounting <= 0.40",
+                    "value": lb["comm_split_mb"] / lb["paper_comm_mb"], "limit": 0.40})
+    if lb and sl:
+        out.append({"target": "LESFT bf16 communication / SplitLoRA fp32 communication <= 1.0",
+                    "value": lb["comm_split_mb"] / sl["comm_split_mb"], "limit": 1.0})
+    if lb and lf and lf.get("final_loss"):
+        out.append({"target": "|final loss bf16 - fp32| / fp32 < 0.01 (LESFT, one epoch)",
+                    "value": abs(lb["final_loss"] - lf["final_loss"]) / abs(lf["final_loss"]), "limit": 0.01})
+    lesft = lf or lb
+    if lesft and ce and ce.get("mem_server_mb") and lesft.get("mem_client_mb"):
+        out.append({"target": "LESFT client peak memory / centralized peak <= 0.45",
+                    "value": lesft["mem_client_mb"] / ce["mem_server_mb"], "limit": 0.45})
+    for t in out:
+        t["met"] = t["value"] <= t["limit"] if t["limit"] != 0.01 else t["value"] < t["limit"]
+    return out
+
+
+def plot(rows: Sequence[dict], path: Path) -> Path:
+    """Bar charts of memory, communication and latency per method and party."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["row"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (title, keys) in zip(axes, (("peak memory (MB)", ("mem_client_mb", "mem_server_mb")),
+                                        ("communication per epoch (MB)", ("comm_client_mb", "comm_server_mb")),
+                                        ("compute per epoch (s)", ("lat_client_s", "lat_server_s")))):
+        width = 0.4
+        for j, (key, party) in enumerate(zip(keys, ("client", "server"))):
+            vals = [r.get(key) or 0.0 for r in rows]
+            ax.bar([i + (j - 0.5) * width for i in range(len(rows))], vals, width, label=party)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
