@@ -34,6 +34,16 @@ def _print_targets(targets: list[dict]) -> None:
         console.print(f"target: {t['target']}: {t['value']:.4g} -> {mark}", highlight=False)
 
 
+def _print_table(table) -> None:
+    """Print a wide table whole when the output is a file or pipe (rich assumes 80 columns there)."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        from rich.console import Console
+
+        Console(file=console.file, width=200).print(table)
+
+
 def _threads(cfg: Config) -> None:
     if cfg.train.threads > 0:
         import torch
@@ -95,7 +105,7 @@ def transport_command(
     paths = write_results(out_dir, "transport", rows, config, tb.COLUMNS, title="lesft bench transport",
                           notes=notes, machine=machine)
     cfg.save(out_dir / "config.json")
-    console.print(rich_table(rows, tb.COLUMNS, title="lesft bench transport"))
+    _print_table(rich_table(rows, tb.COLUMNS, title="lesft bench transport"))
     _print_targets(targets)
     console.print(f"machine: {machine_line(machine)}", highlight=False)
     console.print(f"results: {paths['csv']}  {paths['json']}  {paths['md']}", highlight=False)
@@ -141,7 +151,7 @@ def microbatch_command(
     paths = write_results(out_dir, "microbatch", rows, config, mb.COLUMNS, title="lesft bench microbatch",
                           notes=notes, machine=machine)
     cfg.save(out_dir / "config.json")
-    console.print(rich_table(rows, mb.COLUMNS, title=f"lesft bench microbatch ({info['model']}, {info['device']})"))
+    _print_table(rich_table(rows, mb.COLUMNS, title=f"lesft bench microbatch ({info['model']}, {info['device']})"))
     _print_targets(targets)
     if info.get("profiles"):
         console.print("profiles: " + "  ".join(info["profiles"].values()), highlight=False)

@@ -232,7 +232,7 @@ class ClientParty(_Trainable):
         trained = batch.ref if paths == "reference" else batch.base
         dev = self.device
         grad = self.method.client_trains
-        with self.meter.phase("forward"), lora.dropout_rows(keys), torch.set_grad_enabled(grad):
+        with self.meter.phase("forward"), lora.dropout_rows(keys, trained.lengths), torch.set_grad_enabled(grad):
             act = self.part(trained.input_ids.to(dev), trained.attention_mask.to(dev))
         ref_act = None
         if paths == "dual":
@@ -262,7 +262,8 @@ class ClientParty(_Trainable):
         batch = self.batch(r)
         model: FullModel = self.part  # type: ignore[assignment]
         dev = self.device
-        with lora.dropout_rows(self.keys(r, len(batch))), _autocast(dev, self.cfg.train.autocast_bf16):
+        with lora.dropout_rows(self.keys(r, len(batch)), batch.base.lengths), \
+                _autocast(dev, self.cfg.train.autocast_bf16):
             with self.meter.phase("forward"):
                 base = batch.base
                 hidden = model.hidden(base.input_ids.to(dev), base.attention_mask.to(dev))
@@ -314,7 +315,7 @@ class ServerParty(_Trainable):
         act = rows.act.detach().clone().requires_grad_(want_grad)
         mask = (torch.arange(T, device=self.device)[None, :] < rows.lengths[:, None]).long()
         amp = _autocast(self.device, self.cfg.train.autocast_bf16)
-        with lora.dropout_rows(rows.keys), amp:
+        with lora.dropout_rows(rows.keys, rows.lengths), amp:
             with self.meter.phase("forward"):
                 hidden = model.hidden(act, mask)
             ref = None

@@ -32,7 +32,7 @@ from lesft.config import LoraSettings
 
 _ADAPTER = "default"
 _PARAM = re.compile(r"layers\.(\d+)\.(.+)\.lora_([AB])\." + _ADAPTER + r"\.weight$")
-_ROW_KEYS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("lesft_row_keys", default=None)
+_ROW_KEYS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("lesft_row_keys", default=None)
 _NO_DROPOUT: contextvars.ContextVar[bool] = contextvars.ContextVar("lesft_no_dropout", default=False)
 _MASK64 = (1 << 63) - 1
 
@@ -57,9 +57,10 @@ def row_keys(seed: int, worker: int, round_: int, n_rows: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def dropout_rows(keys: torch.Tensor | None) -> Iterator[None]:
-    """Forward passes inside draw LoRA dropout masks from these per-row keys ``[B]``."""
-    token = _ROW_KEYS.set(keys)
+def dropout_rows(keys: torch.Tensor | None, lengths: torch.Tensor | None = None) -> Iterator[None]:
+    """Forward passes inside draw LoRA dropout masks from these per-row keys ``[B]``;
+    with ``lengths [B]`` only a row's real (unpadded) positions are drawn."""
+    token = _ROW_KEYS.set(None if keys is None else (keys.tolist(), None if lengths is None else lengths.tolist()))
     try:
         yield
     finally:
@@ -91,15 +92,16 @@ class KeyedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or _NO_DROPOUT.get():
             return x
-        keys = _ROW_KEYS.get()
-        if keys is None or x.dim() < 2 or keys.numel() != x.shape[0]:
+        rows = _ROW_KEYS.get()
+        if rows is None or x.dim() < 2 or len(rows[0]) != x.shape[0]:
             return nn.functional.dropout(x, self.p, True)
+        keys, lengths = rows
         gen = torch.Generator(device=x.device)
-        masks = []
-        for key in keys.tolist():
+        keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)  # padding: kept, never looked at
+        for b, key in enumerate(keys):
+            n = x.shape[1] if lengths is None or x.dim() < 3 else min(int(lengths[b]), x.shape[1])
             gen.manual_seed(_mix(key, self.salt))
-            masks.append(torch.rand(x.shape[1:], generator=gen, device=x.device, dtype=torch.float32))
-        keep = torch.stack(masks) >= self.p
+            keep[b, :n] = torch.rand((n, *x.shape[2:]), generator=gen, device=x.device) >= self.p
         return x * keep.to(x.dtype) / (1.0 - self.p)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,9 @@ from lesft.cli_options import config_command, fail
 from lesft.config import Config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Several workers often share one machine: OpenMP threads that spin after each parallel
+# region would steal the cores of the other processes (set before torch is imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 ROLES = ("broker", "server", "aggregator", "client")
