@@ -9,3 +9,4 @@ from lesft import commands_keys  # noqa: E402,F401
 from lesft import commands_bench  # noqa: E402,F401
 from lesft import commands_run  # noqa: E402,F401
 from lesft import commands_bench_runs  # noqa: E402,F401
+from lesft import commands_data  # noqa: E402,F401

@@ -27,7 +27,6 @@ import random
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -40,11 +39,13 @@ from lesft.wire import Message, MsgType
 
 pytestmark = pytest.mark.e2e
 
-ROUNDS = 16
+ROUNDS = 40
 STOP_ROUND = ROUNDS - 5  # the fuzzer stops once the server has closed this many rounds
 MIN_MESSAGES = 10_000
-PHASE_A_QUOTA = 8_000  # before the clients are registered
-BURST = 50
+MIN_DURING_TRAINING = 2_000
+PHASE_A_QUOTA = 6_000  # sent before the clients are started
+PHASE_A_CAP = 9_000  # most sent before the clients train
+BURST = 100
 STRANGER = 999  # the probes' sender: an id no client has
 PROBE_SEQ = 1 << 40  # probes' seq numbers start here (fuzz messages stay below)
 
@@ -79,6 +80,10 @@ class Fuzzer(threading.Thread):
         self.aggregated = False
         self.seq = 0
         self.probe_seq = PROBE_SEQ
+        self.in_flight: dict[str, int] = {}  # target -> seq of the last probe sent
+        self.clients_may_start = threading.Event()
+        self.phase_b_start = 0  # messages sent before the clients trained
+        self.marks: dict[str, float] = {"start": time.monotonic()}  # when each phase began
         self.failure: BaseException | None = None
 
     def _dealer(self, address: str) -> zmq.Socket:
@@ -92,13 +97,18 @@ class Fuzzer(threading.Thread):
     def run(self) -> None:
         try:
             self.wait_paths()
+            self.marks["a"] = time.monotonic()
             self.phase_a()
             self.wait_training()
+            self.marks["b"] = time.monotonic()
             self.send_oversize()
             self.phase_b()
+            self.drain(timeout=60.0)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.failure = e
         finally:
+            self.marks["end"] = time.monotonic()
+            self.clients_may_start.set()
             for sock in self.socks.values():
                 sock.close(linger=0)
             self.ctx.term()
@@ -116,14 +126,18 @@ class Fuzzer(threading.Thread):
         """Until both workers answer a probe (the server may not be connected to the broker yet)."""
         for target in self.socks:
             deadline = time.monotonic() + 240
-            while not self.probe(target, timeout=1.0, lost_ok=True):
+            while not self.probe(target, timeout=1.0):
                 if time.monotonic() > deadline:
                     raise AssertionError(f"the {target} never answered a probe")
 
     def phase_a(self) -> None:
-        """Before the clients register: everything that needs no honest session."""
-        while self.rounds_closed() == 0 and self.total() < PHASE_A_QUOTA:
+        """Before the clients register: everything that needs no honest session. The clients
+        are started once PHASE_A_QUOTA messages are out; the fuzzing goes on while they start."""
+        while self.rounds_closed() == 0 and self.total() < PHASE_A_CAP:
             self.burst(self.generic_kinds())
+            if self.total() >= PHASE_A_QUOTA:
+                self.clients_may_start.set()
+        self.drain(timeout=60.0)
 
     def wait_training(self) -> None:
         deadline = time.monotonic() + 300
@@ -139,12 +153,15 @@ class Fuzzer(threading.Thread):
     def phase_b(self) -> None:
         """While the clients train: everything, including honest ids and sessions."""
         kinds = self.generic_kinds() + self.training_kinds()
+        self.phase_b_start = self.total()
         while self.rounds_closed() < STOP_ROUND:
             self.aggregated = self.aggregated or bool(self.run_.records("aggregator-0", "aggregation"))
             self.burst(kinds)
 
     def burst(self, kinds: list) -> None:
-        used = set()
+        """BURST messages, a probe behind them to each worker that got some, then wait for
+        the probes of the previous burst (two bursts in flight: well under the queue limits)."""
+        probes = {}
         for _ in range(BURST):
             kind = self.rng.choice(kinds)
             out = kind()
@@ -154,18 +171,31 @@ class Fuzzer(threading.Thread):
             self.socks[target].send_multipart(frames, copy=True)
             self.sent[target] += 1
             self.kinds[(target, kind.__name__)] += 1
-            used.add(target)
-        for target in used:
-            if not self.probe(target, timeout=60.0):
-                raise AssertionError(f"the {target} stopped answering (after {self.total()} messages)")
+            probes.setdefault(target, None)
+        for target in probes:
+            probes[target] = self.send_probe(target)
+        self.drain(timeout=60.0)
+        self.in_flight = probes
 
-    def probe(self, target: str, timeout: float, lost_ok: bool = False) -> bool:
-        """Send a probe and read replies until its answer; True when answered in time."""
+    def drain(self, timeout: float) -> None:
+        """Wait until the probes in flight are answered: all before them has been handled."""
+        for target, seq in self.in_flight.items():
+            if not self.await_probe(target, seq, timeout):
+                raise AssertionError(f"the {target} stopped answering (after {self.total()} messages)")
+        self.in_flight = {}
+
+    def send_probe(self, target: str) -> int:
         self.probe_seq += 1
-        seq = self.probe_seq
-        beat = Message(MsgType.HEARTBEAT, "client", STRANGER, self.run_id, -1, seq, {})
+        beat = Message(MsgType.HEARTBEAT, "client", STRANGER, self.run_id, -1, self.probe_seq, {})
+        self.socks[target].send_multipart([b""] + wire.encode(beat))
+        return self.probe_seq
+
+    def probe(self, target: str, timeout: float) -> bool:
+        return self.await_probe(target, self.send_probe(target), timeout)
+
+    def await_probe(self, target: str, seq: int, timeout: float) -> bool:
+        """Read the target's replies until the answer to probe ``seq``; True when it came in time."""
         sock = self.socks[target]
-        sock.send_multipart([b""] + wire.encode(beat))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not sock.poll(50):
@@ -183,8 +213,6 @@ class Fuzzer(threading.Thread):
                     return True
             else:
                 self.unexpected.append((target, msg.type.value, msg.sender, msg.round, msg.meta))
-        if not lost_ok:
-            return False
         return False
 
     def send_oversize(self) -> None:
@@ -412,9 +440,9 @@ class Fuzzer(threading.Thread):
         return self.target(), self.frames(self.message(MsgType.HELLO, sender, meta=meta))
 
     def too_many_frames(self):
-        if self.rng.random() < 0.95:
-            return None  # rare: 4,100 frames each
-        return self.target(), [b"", self.header()] + [b"x"] * 4100
+        if self.rng.random() < 0.99:
+            return None  # rare: 4,097 frames each
+        return self.target(), [b"", self.header()] + [b"x"] * 4097
 
     def over_total(self):
         """Tensors within the frame limit but together over --max-message-mb: they reach
@@ -541,18 +569,28 @@ def rejected(record: dict) -> int:
 def test_fuzzing_changes_nothing_and_every_bad_message_is_counted(tmp_path, e2e_cfg, live_run, reference_adapters):
     cfg = e2e_cfg(tmp_path, rounds=ROUNDS, heartbeat_s=2, run_id="fuzz")
     ref = reference_adapters(cfg)
-    run = live_run(cfg)
+    run = live_run(cfg, start=False)
+    for role in ("broker", "server", "aggregator"):
+        run.start(role)
     fuzzer = Fuzzer(run, {k: tuple(v.shape) for k, v in ref["client"].items()})
     fuzzer.start()
     try:
+        assert fuzzer.clients_may_start.wait(timeout=300)
+        for i in range(cfg.data.clients):
+            run.start("client", i)
         codes = run.wait_done(timeout=420)
     finally:
         fuzzer.join(timeout=120)
+        phases = {k: round(v - fuzzer.marks["start"], 1) for k, v in fuzzer.marks.items()}
+        (run.run_dir / "fuzz-summary.txt").write_text(
+            f"sent {dict(fuzzer.sent)}, {fuzzer.total() - fuzzer.phase_b_start} while training; "
+            f"oversize {fuzzer.oversize}\nphases (s after the fuzzer started) {phases}\nkinds {dict(fuzzer.kinds)}\n")
     broker_alive = run.procs["broker-0"].popen.poll() is None
 
     assert fuzzer.failure is None, repr(fuzzer.failure)
     assert all(c == 0 for n, c in codes.items() if n != "broker-0") and broker_alive, codes
     assert fuzzer.total() >= MIN_MESSAGES, fuzzer.sent
+    assert fuzzer.total() - fuzzer.phase_b_start >= MIN_DURING_TRAINING, (fuzzer.phase_b_start, fuzzer.sent)
     assert fuzzer.oversize == 2
     assert not fuzzer.unexpected, fuzzer.unexpected[:10]
 
@@ -572,6 +610,3 @@ def test_fuzzing_changes_nothing_and_every_bad_message_is_counted(tmp_path, e2e_
     assert [r["round"] for r in rounds] == list(range(ROUNDS))
     assert all(r["clients"] == [0, 1] and not r["failed"] for r in rounds)
     assert_same_adapters(run.run_dir, 2, ref)  # bit for bit
-    Path(run.run_dir / "fuzz-summary.txt").write_text(
-        f"sent {dict(fuzzer.sent)} oversize {fuzzer.oversize}\nkinds {dict(fuzzer.kinds)}\n"
-        f"server {server['counters']}\naggregator {aggregator['counters']}\n")

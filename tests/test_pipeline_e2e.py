@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -233,9 +232,10 @@ def test_forward_and_backward_bytes_are_the_payload_plus_a_small_header(fp32_run
         fwd_header = (rec["bytes_sent"]["forward"] - fwd_payload) / ROUNDS
         bwd_header = (rec["bytes_received"]["backward"] - bwd_payload) / ROUNDS
 
-        # Assert: one msgpack header per message, a few hundred bytes, on top of the tensors
-        assert 0 < fwd_header < 600, (cid, fwd_header)
-        assert 0 < bwd_header < 300, (cid, bwd_header)
+        # Assert: one msgpack header per message on top of the tensors (measured ~246 bytes
+        # per FORWARD, ~0.4% of its payload here, and ~95 per BACKWARD)
+        assert 0 < fwd_header < 400, (cid, fwd_header)
+        assert 0 < bwd_header < 200, (cid, bwd_header)
         assert fwd_header < 0.01 * fwd_payload / ROUNDS
         total_payload += fwd_payload
         total_bytes += rec["bytes_sent"]["forward"]
@@ -258,9 +258,9 @@ def test_bf16_wire_halves_the_activation_bytes(fp32_run, bf16_run, shapes):
     bwd = final(bf16, "server-0")["bytes_sent"]["backward"]
 
     assert fwd == final(bf16, "server-0")["bytes_received"]["forward"]
-    assert 0 < (fwd - (act_fp32 // 2 + ints)) / messages < 600  # bf16 activations + int32 + header
+    assert 0 < (fwd - (act_fp32 // 2 + ints)) / messages < 400  # bf16 activations + int32 + header
     assert (fwd - ints) / act_fp32 == pytest.approx(0.5, rel=0.01)
-    assert 0 < (bwd - grad_fp32 // 2) / messages < 300
+    assert 0 < (bwd - grad_fp32 // 2) / messages < 200
     assert fwd < 0.55 * clients_sum(fp32, "bytes_sent", "forward")
 
 
@@ -269,23 +269,27 @@ def test_bf16_wire_changes_the_adapters_only_a_little(fp32_run, bf16_run):
     cfg, fp32 = fp32_run
     _, bf16 = bf16_run
     got, ref = adapter_files(bf16.run_dir), adapter_files(fp32.run_dir)
-    init = _initial_server_adapters(cfg)
+    init = _initial_adapters(cfg)
 
-    # Assert: the server's update (its LoRA moved from init) is the same within bf16 noise,
-    # the global client adapters too, but the rounding of the wire is visible
-    for key, want in ref[SERVER_FILE].items():
-        assert rel_diff(got[SERVER_FILE][key] - init[key], want - init[key]) < 0.25, key
-    for key, want in ref[GLOBAL_CLIENT_FILE].items():
-        assert rel_diff(got[GLOBAL_CLIENT_FILE][key], want) < 0.25, key
-    assert any(not torch.equal(got[SERVER_FILE][k], ref[SERVER_FILE][k]) for k in ref[SERVER_FILE])
+    # Assert: each adapter's update (trained minus init) agrees within bf16 rounding noise
+    # (measured ~0.3-2.5% here), but the rounding of the wire is visible
+    for name in (SERVER_FILE, GLOBAL_CLIENT_FILE):
+        assert got[name].keys() == ref[name].keys()
+        for key, want in ref[name].items():
+            assert rel_diff(got[name][key] - init[key], want - init[key]) < 0.1, (name, key)
+        assert any(not torch.equal(got[name][k], ref[name][k]) for k in ref[name]), name
 
 
-def _initial_server_adapters(cfg) -> dict[str, torch.Tensor]:
-    from lesft.split import ServerModel, split_point
+def _initial_adapters(cfg) -> dict[str, torch.Tensor]:
+    """Both sides' LoRA before training (same seed as the run)."""
+    from lesft.split import ClientModel, ServerModel, split_point
 
     source = source_for(cfg)
     k = split_point(source.n_layers, cfg.model.split_ratio)
-    return lora.get_adapters(lora.add_lora(ServerModel(source, k), cfg.lora, seed=cfg.train.seed))
+    out = {}
+    for part in (ClientModel(source, k), ServerModel(source, k)):
+        out.update(lora.get_adapters(lora.add_lora(part, cfg.lora, seed=cfg.train.seed)))
+    return out
 
 
 # --------------------------------------------------------------------------- 2. by hand, any order
@@ -303,6 +307,30 @@ def _kill_group(p: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         p.wait()
+
+
+def _stop_tree(p: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop a process that starts its own children in new sessions (honcho): SIGTERM it
+    (it stops its children), then SIGKILL whatever of the tree is left."""
+    import psutil
+
+    if p.poll() is not None:
+        return
+    try:
+        children = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _kill_group(p)
 
 
 def _wait_for_text(path: Path, pattern: str, timeout_s: float, procs: dict[str, subprocess.Popen]) -> str:
@@ -394,7 +422,9 @@ def test_procfile_under_honcho(tmp_path):
     # the Procfile, fresh loopback ports); the run id comes from LESFT_RUN_ID as in `make demo`
     honcho = BIN / "honcho"
     assert honcho.is_file() and (BIN / "lesft-worker").is_file(), f"install the dev extras: pip install -e '.[dev]' ({BIN})"
-    cfg = make_config(tmp_path / "runs", "from-toml", clients=4, rounds=4)
+    # the default linger of the server and aggregator (5 s): a client exits first, as the
+    # Procfile needs (honcho stops everyone when the first process exits)
+    cfg = make_config(tmp_path / "runs", "from-toml", clients=4, rounds=4, done_linger_s=5.0)
     cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, **local_addresses()))
     toml = tmp_path / "tiny.toml"
     toml.write_text(cfg.to_toml())
@@ -412,7 +442,7 @@ def test_procfile_under_honcho(tmp_path):
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        _kill_group(proc)
+        _stop_tree(proc)
 
     # Assert
     output = log.read_text(errors="replace")

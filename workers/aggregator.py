@@ -36,7 +36,11 @@ class Aggregator(Worker):
         self.latest: Message | None = None
         self.byes: set[int] = set()
         self.done_at: float | None = None
-        self.sessions = Sessions(takeover_after=5 * cfg.net.heartbeat_s)
+        # A live client is heard here only every aggregate_every rounds, so a few heartbeats of
+        # silence say nothing: a new session takes an id over only after the old one has been
+        # silent for longer than a client waits on any request before it gives up.
+        net = cfg.net
+        self.sessions = Sessions(takeover_after=max(5 * net.heartbeat_s, net.request_timeout_s * (net.retries + 1)))
         self.deadlines: dict[int, float] = {}  # round -> when its first upload arrived
         self.failed: dict[int, str] = {}
 

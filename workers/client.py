@@ -132,7 +132,13 @@ class Client(Worker):
             return
         missed = [x for x in range(first, upto) if is_aggregation_round(x, rounds, self.cfg.train.aggregate_every)]
         if missed:
-            self.load_global(self.fetch(missed[-1]))
+            try:
+                self.load_global(self.fetch(missed[-1]))
+            except WireError as e:  # that aggregation failed (--min-clients): as in aggregate()
+                if e.code != ErrorCode.STALE_ROUND:
+                    raise
+                self.log.warning("%s: keeping this client's own adapters", e.text)
+                self.meter.count("aggregations_failed")
 
     def register(self) -> tuple[int, int]:
         """HELLO to the server (and the aggregator); returns (first round, total rounds).

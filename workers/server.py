@@ -277,8 +277,10 @@ class Server(Worker):
     # ------------------------------------------------------------------ rounds
 
     def required(self) -> set[int]:
-        """Clients the current round waits for: every registered one not dropped as a straggler."""
-        return set(self.clients) - self.dropped
+        """Clients the current round waits for: every registered one not dropped as a straggler,
+        as long as those still make ``--min-clients`` (else all: the round may then fail)."""
+        active = set(self.clients) - self.dropped
+        return active if len(active) >= (self.cfg.net.min_clients or len(self.clients)) else set(self.clients)
 
     def maybe_process(self) -> None:
         if self.rounds is None or self.round >= self.rounds:
@@ -287,14 +289,15 @@ class Server(Worker):
         bucket = self.pending.get(self.round, {})
         waiting = self.required() - self.served
         ready = sorted(c for c in bucket if c not in self.served)
+        timeout = self.cfg.net.straggler_timeout_s
         if ready:
             first = min(bucket[c].arrived for c in ready)
-            if set(ready) >= waiting or now - first >= self.cfg.net.microbatch_wait_ms / 1000:
+            late = timeout and now - self.round_started > timeout  # stragglers must not wait for a full microbatch
+            if set(ready) >= waiting or now - first >= self.cfg.net.microbatch_wait_ms / 1000 or late:
                 self.process(ready)
                 return
         if not ready and waiting and self._all_ahead(waiting):
             return
-        timeout = self.cfg.net.straggler_timeout_s
         if timeout and not ready and waiting and now - self.round_started > timeout:
             self._drop_stragglers(waiting, now - self.round_started)
 
@@ -320,7 +323,7 @@ class Server(Worker):
             self.meter.count("stragglers_dropped", len(missing))
             self.dropped |= missing
             self.close_round()
-        elif waited > 3 * self.cfg.net.straggler_timeout_s:
+        elif self.served and waited > 3 * self.cfg.net.straggler_timeout_s:  # closing an empty round helps no one
             self.log.error("round %d failed: %d of the required %d clients sent in time (--min-clients %d); "
                            "moving on", self.round, len(self.served), need, need)
             self.meter.count("failed_rounds")
