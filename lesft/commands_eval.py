@@ -16,7 +16,7 @@ from lesft.cli import app, console
 from lesft.cli_options import config_command, fail
 from lesft.config import Config
 
-DEFAULT_BATCH = 8
+DEFAULT_BATCH = 16
 
 
 def _own_batch_size(command: Callable) -> Callable:

@@ -254,7 +254,7 @@ def _greedy(lm, prompts: Sequence[Sequence[int]], order: list[int], batch_size: 
     return generated
 
 
-def generate(model: FullModel, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
+def generate(model: FullModel, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
              stop_at_newline_question: bool = True, stats: dict | None = None,
              on_output: Callable[[int, str], None] | None = None, end_ids: Sequence[int] = ()) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens skipped, raw text).
@@ -324,7 +324,7 @@ class EvalResult:
         return out
 
 
-def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_tokens: int = 256, batch_size: int = 8,
+def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_tokens: int = 256, batch_size: int = 16,
              progress: Callable[[int, int, int], None] | None = None) -> EvalResult:
     """Greedy answers to ``examples`` (one dataset), scored with :mod:`lesft.answers`.
 

@@ -39,12 +39,14 @@ from lesft.wire import Message, MsgType
 
 pytestmark = pytest.mark.e2e
 
-ROUNDS = 40
-STOP_ROUND = ROUNDS - 5  # the fuzzer stops once the server has closed this many rounds
+ROUNDS = 16
+SPREAD = 9  # rounds the fuzzing during training is spread over
+FREEZE_AT = 10  # rounds closed when the clients are frozen should the fuzzer lag behind
+TARGET = 11_000  # messages in all (at least MIN_MESSAGES reach the workers)
 MIN_MESSAGES = 10_000
-MIN_DURING_TRAINING = 2_000
-PHASE_A_QUOTA = 6_000  # sent before the clients are started
-PHASE_A_CAP = 9_000  # most sent before the clients train
+MIN_DURING_TRAINING = 3_000
+CLIENTS_AFTER = 4_000  # messages sent before the honest clients are started
+PHASE_A_CAP = TARGET - MIN_DURING_TRAINING  # most sent before they train
 BURST = 100
 STRANGER = 999  # the probes' sender: an id no client has
 PROBE_SEQ = 1 << 40  # probes' seq numbers start here (fuzz messages stay below)
@@ -103,7 +105,6 @@ class Fuzzer(threading.Thread):
             self.marks["b"] = time.monotonic()
             self.send_oversize()
             self.phase_b()
-            self.drain(timeout=60.0)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.failure = e
         finally:
@@ -131,11 +132,11 @@ class Fuzzer(threading.Thread):
                     raise AssertionError(f"the {target} never answered a probe")
 
     def phase_a(self) -> None:
-        """Before the clients register: everything that needs no honest session. The clients
-        are started once PHASE_A_QUOTA messages are out; the fuzzing goes on while they start."""
+        """Before the clients train: everything that needs no honest session. The clients are
+        started after the first CLIENTS_AFTER messages; the fuzzing goes on while they start."""
         while self.rounds_closed() == 0 and self.total() < PHASE_A_CAP:
             self.burst(self.generic_kinds())
-            if self.total() >= PHASE_A_QUOTA:
+            if self.total() >= CLIENTS_AFTER:
                 self.clients_may_start.set()
         self.drain(timeout=60.0)
 
@@ -151,12 +152,31 @@ class Fuzzer(threading.Thread):
             self.sessions[i] = state["session"]
 
     def phase_b(self) -> None:
-        """While the clients train: everything, including honest ids and sessions."""
+        """While the clients train: everything, including honest ids and sessions, spread over
+        the rounds (so that many rounds see fuzzing) until TARGET messages are out. Should
+        the rounds outpace the fuzzer, the clients are frozen (SIGSTOP: without a straggler
+        timeout that changes nothing) before the last rounds until it has caught up."""
         kinds = self.generic_kinds() + self.training_kinds()
         self.phase_b_start = self.total()
-        while self.rounds_closed() < STOP_ROUND:
-            self.aggregated = self.aggregated or bool(self.run_.records("aggregator-0", "aggregation"))
-            self.burst(kinds)
+        need = max(TARGET - self.total(), MIN_DURING_TRAINING)
+        share = need / SPREAD
+        frozen = False
+        try:
+            while self.total() - self.phase_b_start < need:
+                closed = self.rounds_closed()
+                if closed >= FREEZE_AT and not frozen:
+                    self.run_.freeze()
+                    frozen = True
+                if not frozen and self.total() - self.phase_b_start >= share * closed:
+                    time.sleep(0.02)  # this round had its share
+                    continue
+                self.aggregated = self.aggregated or bool(self.run_.records("aggregator-0", "aggregation"))
+                self.burst(kinds)
+            self.drain(timeout=60.0)
+        finally:
+            if frozen:
+                self.marks["froze"] = time.monotonic()
+                self.run_.thaw()
 
     def burst(self, kinds: list) -> None:
         """BURST messages, a probe behind them to each worker that got some, then wait for

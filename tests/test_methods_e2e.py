@@ -119,10 +119,7 @@ def test_pipeline_reproduces_the_inprocess_trainer(runs, method):
             assert torch.equal(got[key], want[key]), (name, key)
 
 
-NO_COMBINE = pytest.mark.xfail(strict=True, reason=(
-    "BUG: a fedavg pipeline run never writes adapter/ (no process calls lesft.trainer.combine_run when there is "
-    "no server: workers/aggregator.py only saves client-adapters.safetensors), while train_inprocess does"))
-WITH_FOLDERS = [pytest.param(m, marks=NO_COMBINE) if m == "fedavg" else m for m in ALL]
+WITH_FOLDERS = list(ALL)
 
 
 @pytest.mark.parametrize("method", WITH_FOLDERS)

@@ -210,9 +210,6 @@ def test_forward_and_backward_bytes_agree_between_the_sides(fp32_run):
     assert clients_sum(result, "bytes_sent", "agg.upload") == agg["bytes_received"]["upload"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: workers/common.py Channel.recv counts the PUB/SUB topic frame as message "
-                                       "bytes (envelope=[] for topic channels) while Channel.send does not: each "
-                                       "client counts 8 bytes more per ADAPTERS broadcast than the aggregator sent")
 def test_broadcast_bytes_agree_between_the_sides(fp32_run):
     _, result = fp32_run
     agg = final(result, "aggregator-0")

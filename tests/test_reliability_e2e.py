@@ -59,25 +59,32 @@ def crashed_run(tmp_path_factory, reference_adapters):
         bad = {"wrong_id": run.start_other("wrong-id", "client", 7, ["--runs-dir", elsewhere, "--threads", "1"]),
                "mismatch": run.start_other("mismatch", "client", 1,
                                            ["--runs-dir", elsewhere, "--split-ratio", "0.5", "--threads", "1"])}
+        # Each fault is placed while the clients are frozen (SIGSTOP): the tiny rounds are faster
+        # than a process restarts, and a frozen client changes nothing without a straggler timeout.
+        run.wait_rounds(2)
+        run.freeze()
         run.wait_for(lambda: all(p.popen.poll() is not None for p in bad.values()), 240, "the bad workers to exit")
-        run.wait_rounds(3)
 
         phases["client"] = len(run.server_rounds())
         run.kill("client-1")
+        run.thaw()
         run.restart("client-1")
         run.wait_for(lambda: "resumed from" in run.log("client-1"), 240, "client 1 to resume")
-        run.wait_rounds(phases["client"] + 3)
+        run.wait_rounds(phases["client"] + 2)
 
+        run.freeze()
         phases["broker"] = len(run.server_rounds())
         run.kill("broker-0")
+        run.thaw()
         time.sleep(1)
         run.restart("broker-0")
-        run.wait_rounds(phases["broker"] + 3)
+        run.wait_rounds(phases["broker"] + 2)
 
+        run.freeze()
         phases["server"] = len(run.server_rounds())
-        assert phases["server"] < ROUNDS - 2, f"the run went too fast for the server crash: {phases}"
         run.kill("server-0")
-        time.sleep(2)  # the clients' requests now go nowhere
+        run.thaw()
+        time.sleep(cfg.net.request_timeout_s + 1)  # every client gives up waiting and sends again
         run.restart("server-0", ["--resume"])
         codes = run.wait_done()
         yield run, ref, bad, codes, phases
@@ -111,12 +118,16 @@ def test_broker_restart_is_transparent(crashed_run):
 
 
 def test_killed_server_resumes_and_clients_retry_their_request(crashed_run):
-    run, *_ = crashed_run
-    assert re.search(rf"resumed from .*server-checkpoint\.pt at round \d+ of {ROUNDS}", run.log("server-0"))
+    run, _, _, _, phases = crashed_run
+    resumed = re.search(rf"resumed from .*server-checkpoint\.pt at round (\d+) of {ROUNDS}", run.log("server-0"))
+    # a checkpoint after every round: it resumed where it died (the record of the last round may
+    # have been written just before its checkpoint)
+    assert resumed and int(resumed.group(1)) >= phases["server"] - 1, phases
     for i in range(2):
-        final = run.final(f"client-{i}")
-        retried = counter(final, "reconnects.server") + counter(final, "resent.server")
-        assert retried >= 1, f"client {i} never sent its request again: {final['counters']}"
+        log = run.log(f"client-{i}")
+        pattern = r"no answer from server for forward round (\d+) in \d+s: reconnecting"
+        waited = [int(r) for r in re.findall(pattern, log)]
+        assert any(r >= phases["server"] - 1 for r in waited), (phases, waited)
 
 
 def test_after_the_crashes_the_adapters_equal_the_undisturbed_run(crashed_run):
@@ -145,8 +156,11 @@ def test_straggler_is_left_out_and_catches_up(tmp_path, e2e_cfg, live_run):
     assert all(c == 0 for n, c in codes.items() if n != "broker-0"), codes
     rounds = run.server_rounds()
     assert [r["round"] for r in rounds] == list(range(12))
-    alone = [r["round"] for r in rounds if r["clients"] == [0]]
-    assert alone and all(r["clients"] in ([0], [0, 1]) and not r["failed"] for r in rounds)
+    summary = [(r["round"], r["clients"], r["failed"]) for r in rounds]
+    # rounds without client 1 while it was stopped (after it, client 0 may in turn be left out
+    # of one while it waits for the aggregator's own straggler timeout); none failed
+    assert any(r["clients"] == [0] for r in rounds), summary
+    assert all(r["clients"] and not r["failed"] for r in rounds), summary
     assert re.search(r"round \d+: proceeding without client\(s\) 1 \(nothing within \d+s\)", run.log("server-0"))
     # the aggregator averaged the uploads it had: client 0's alone (its weight renormalised to 1)
     aggs = run.records("aggregator-0", "aggregation")
@@ -159,9 +173,10 @@ def test_straggler_is_left_out_and_catches_up(tmp_path, e2e_cfg, live_run):
 def test_min_clients_round_waits_then_fails_with_one_line(tmp_path, e2e_cfg, live_run):
     cfg = e2e_cfg(tmp_path, straggler_timeout_s=3, min_clients=2)
     run = live_run(cfg)
-    run.wait_rounds(3)
+    run.wait_rounds(2)
     run.pause("client-1")
-    run.wait_for(lambda: "failed" in run.log("aggregator-0"), 120, "a failed round and a failed aggregation")
+    run.wait_for(lambda: "failed:" in run.log("server-0") and "failed:" in run.log("aggregator-0"), 150,
+                 "a failed round and a failed aggregation")
     run.resume("client-1")
     codes = run.wait_done()
 
@@ -173,8 +188,12 @@ def test_min_clients_round_waits_then_fails_with_one_line(tmp_path, e2e_cfg, liv
     rounds = run.server_rounds()
     assert [r["round"] for r in rounds] == list(range(12))
     failed = [r for r in rounds if r["failed"]]
-    assert failed and all(r["clients"] == [0] for r in failed)
+    # the stopped client's rounds; a later one may miss client 0 instead, held up meanwhile
+    # by the failing aggregation (the server times a round from its start, the aggregator
+    # from its first upload), but a round nobody sent to is never closed
+    summary = [(r["round"], r["clients"], r["failed"]) for r in rounds]
+    assert any(r["clients"] == [0] for r in failed) and all(len(r["clients"]) == 1 for r in failed), summary
     # a round below --min-clients is a failed round, never a normal one
-    assert all(r["clients"] == [0, 1] for r in rounds if not r["failed"]), rounds
+    assert all(r["clients"] == [0, 1] for r in rounds if not r["failed"]), summary
     assert re.search(r"aggregation of round \d+ failed: 1 of the required 2 clients uploaded within \d+s "
                      r"\(--min-clients 2\)", run.log("aggregator-0"))

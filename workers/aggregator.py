@@ -190,4 +190,16 @@ class Aggregator(Worker):
         if len(self.byes) >= self.expected and self.done_at is None:
             self.log.info("all clients done")
             self.done_at = time.monotonic()
+            self.combine_if_alone()
+
+    def combine_if_alone(self) -> None:
+        """Without a server (fedavg) the aggregator holds the whole run: write ``adapter/``."""
+        from lesft.methods import get_method
+        from lesft.models import source_for
+        from lesft.trainer import combine_run
+
+        method = get_method(self.cfg.train.method)
+        if not method.split and (self.run_dir / GLOBAL_CLIENT_FILE).is_file():
+            written = combine_run(self.run_dir, self.cfg, source_for(self.cfg), method)
+            self.log.info("combined adapter at %s", written[0])
 

@@ -255,9 +255,11 @@ class Client(Worker):
 
             save_adapters(self.party.adapters(), self.run_dir / client_file(self.id),
                           adapter_meta(self.cfg, self.source, self.method))
-        if self.agg is not None:
-            self.ask(self.agg, MsgType.BYE, {MsgType.ACK})
+        # the server first: its DONE means its files are saved; the aggregator's BYE comes
+        # last, so under honcho no other role can exit (and stop the rest) before that
         if self.server is not None:
             self.ask(self.server, MsgType.BYE, {MsgType.DONE})
+        if self.agg is not None:
+            self.ask(self.agg, MsgType.BYE, {MsgType.ACK})
         self.log.info("done")
 

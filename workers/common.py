@@ -123,9 +123,8 @@ class Channel:
         frames = self.sock.recv_multipart(copy=False)
         n = frames_bytes(frames)
         try:
-            if self.topic:
-                body = frames[1:]
-                envelope: list = []
+            if self.topic:  # the topic frame is routing, not message: the sender does not count it either
+                envelope, body = frames[:1], frames[1:]
             else:
                 envelope, body = wire.split_envelope(frames)
             msg = wire.decode(body, self.limits)
@@ -322,12 +321,14 @@ class Worker:
         return Message(t, self.role, self.id, self.run_id, round_, seq, meta or {}, tensors or {})
 
     def record(self, event: str, **fields) -> None:
-        """One metrics line, with the running totals a benchmark needs to cut out one epoch."""
+        """One metrics line, with the running totals a benchmark needs to cut out one epoch
+        (and the resident memory now, to see whether a long run grows)."""
         self.meter.sample_memory()
         m = self.meter
         totals = {"total_sent": sum(m.bytes_sent.values()), "total_received": sum(m.bytes_received.values()),
                   "sent_by_type": dict(m.bytes_sent), "received_by_type": dict(m.bytes_received),
-                  "compute_total_s": sum(v for k, v in m.compute_s.items() if k != "checkpoint"), "t": m.wall_s()}
+                  "compute_total_s": sum(v for k, v in m.compute_s.items() if k != "checkpoint"), "t": m.wall_s(),
+                  "rss_mb": round(m.current_rss_mb(), 1)}
         self.metrics.write({"event": event, **totals, **fields})
 
     def finish(self, **fields) -> None:
