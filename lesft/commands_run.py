@@ -44,9 +44,9 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
             with console.status(f"evaluating {label} fine-tuning on {len(examples)} held-out {cfg.data.dataset} "
                                 f"questions"):
                 model = load_for_eval(source, adapter)
-                results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens)
+                results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens, first_line=True)
         for label, res in results.items():
-            extra.append((f"accuracy {label} ({res.n} held-out {cfg.data.dataset} {split})",
+            extra.append((f"accuracy {label} ({res.n} held-out {cfg.data.dataset} {split}, first line)",
                           f"{100 * res.accuracy:.1f}%  [95% CI {100 * res.ci_low:.1f}–{100 * res.ci_high:.1f}]"))
     print_run_summary(run, console, extra)
 

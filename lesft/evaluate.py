@@ -324,12 +324,18 @@ class EvalResult:
         return out
 
 
+def newline_ids(tokenizer) -> list[int]:
+    """Ids of every token whose text holds a newline (to stop at the end of a line)."""
+    return [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]
+
+
 def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_tokens: int = 256, batch_size: int = 16,
-             progress: Callable[[int, int, int], None] | None = None) -> EvalResult:
+             progress: Callable[[int, int, int], None] | None = None, first_line: bool = False) -> EvalResult:
     """Greedy answers to ``examples`` (one dataset), scored with :mod:`lesft.answers`.
 
     ``progress(done, total, correct_so_far)`` is called as answers finish. Records keep
-    the order of ``examples``.
+    the order of ``examples``. ``first_line`` stops each answer at its first newline (the
+    training targets are one line), which makes evaluation much faster.
     """
     if not examples:
         raise DataError("no examples to evaluate: check --limit and the dataset split.")
@@ -348,7 +354,8 @@ def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_token
 
     stats: dict = {}
     outputs = generate(model, tokenizer, [ex.x for ex in examples], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, stats=stats, on_output=on_output)
+                       batch_size=batch_size, stats=stats, on_output=on_output,
+                       end_ids=newline_ids(tokenizer) if first_line else ())
     counts = stats.get("new_tokens") or [0] * len(examples)
     records = []
     for ex, text, n_tok in zip(examples, outputs, counts):

@@ -1,0 +1,74 @@
+"""`lesft bench overhead | pipeline | accuracy | sweep` and `lesft summary` on a tiny model."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lesft.cli import app
+
+TINY = ["--model", "arch:tiny-qwen2", "--clients", "2", "--samples-per-client", "2", "--max-length", "48",
+        "--microbatch-wait-ms", "60000"]
+
+
+def invoke(*args):
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.mark.e2e
+def test_overhead_table_for_lesft_fp32_and_bf16(tmp_path):
+    invoke("bench", "overhead", *TINY, "--methods", "lesft", "--wire-dtypes", "fp32,bf16", "--warmup", "1",
+           "--out", str(tmp_path), "--runs-dir", str(tmp_path))
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    rows = {r["row"]: r for r in doc["rows"]}
+    fp32, bf16 = rows["lesft@fp32"], rows["lesft@bf16"]
+    for r in (fp32, bf16):
+        for key in ("mem_client_mb", "mem_server_mb", "comm_client_mb", "comm_server_mb", "lat_client_s",
+                    "lat_server_s", "paper_comm_mb", "forward_mb", "backward_mb"):
+            assert r[key] is not None and r[key] > 0, key
+    # the paper's accounting is independent of the wire dtype; the bytes we send are not
+    assert fp32["paper_comm_mb"] == pytest.approx(bf16["paper_comm_mb"])
+    assert bf16["forward_mb"] == pytest.approx(fp32["forward_mb"] / 2, rel=0.1)
+    assert bf16["comm_split_mb"] < fp32["comm_split_mb"]
+    # no gradient for the reference path: what comes back is smaller than what goes up
+    assert fp32["backward_mb"] < fp32["forward_mb"]
+    assert (tmp_path / "overhead.md").is_file() and (tmp_path / "overhead.png").is_file()
+    names = {t["target"] for t in doc["config"]["targets"]}
+    assert any("paper accounting" in n for n in names)
+
+
+def test_accuracy_and_sweep_grids_resume(tmp_path):
+    common = [*TINY, "--rounds", "2", "--limit", "2", "--max-new-tokens", "3", "--runs-dir", str(tmp_path)]
+    invoke("bench", "accuracy", "--datasets", "synthetic", "--methods", "base,splitlora", *common,
+           "--out", str(tmp_path / "acc"))
+    cells = sorted((tmp_path / "acc" / "cells").glob("*.json"))
+    assert len(cells) == 2
+    assert "synthetic" in (tmp_path / "acc" / "table1.md").read_text()
+    stamp = [c.stat().st_mtime_ns for c in cells]
+    invoke("bench", "accuracy", "--datasets", "synthetic", "--methods", "base,splitlora", *common,
+           "--out", str(tmp_path / "acc"))
+    assert [c.stat().st_mtime_ns for c in cells] == stamp  # finished cells are not rerun
+
+    invoke("bench", "sweep", "--param", "split_ratio=1/2,1/4", "--methods", "lesft", *common,
+           "--out", str(tmp_path / "sw"))
+    doc = json.loads((tmp_path / "sw" / "sweep-split_ratio.json").read_text())
+    assert sorted(r["split_ratio"] for r in doc["rows"]) == ["1/2", "1/4"]
+    assert (tmp_path / "sw" / "sweep-split_ratio.png").is_file()
+
+
+def test_sweep_rejects_unknown_param(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "sweep", "--param", "warp=1,2", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "warp" in res.output
+
+
+@pytest.mark.e2e
+def test_pipeline_bench_and_summary(tmp_path):
+    invoke("bench", "pipeline", *TINY, "--warmup", "1", "--out", str(tmp_path), "--runs-dir", str(tmp_path))
+    row = json.loads((tmp_path / "pipeline.json").read_text())["rows"][0]
+    assert row["inprocess_epoch_s"] > 0 and row["pipeline_epoch_s"] > 0
+    assert row["ratio"] == pytest.approx(row["pipeline_epoch_s"] / row["inprocess_epoch_s"])
+    assert row["max_rel_diff_server"] <= 1e-5 and row["max_rel_diff_client"] <= 1e-5
+    res = invoke("summary", "--run", str(tmp_path / "runs" / "pipeline"), "--eval-n", "2", "--max-new-tokens", "3")
+    assert "accuracy before" in res.output and "accuracy after" in res.output and "bytes client" in res.output
