@@ -210,3 +210,16 @@ def sweep_command(
     (out_dir / f"sweep-{name}-table.md").write_text(f"# {title}\n\n" + markdown_table(table) + "\n")
     plot_sweep(rows, name, out_dir / f"sweep-{name}.png", title)
     console.print(f"results in {out_dir}")
+
+
+@bench_app.command("load")
+def load_command(clients: int = typer.Option(32, "--clients"), rounds: int = typer.Option(50, "--rounds"),
+                 warmup: int = typer.Option(5, "--warmup", help="round whose server RSS is the baseline"),
+                 runs_dir: str = typer.Option("runs", "--runs-dir"), out: Optional[str] = typer.Option(None, "--out"),
+                 timeout: float = typer.Option(3600, "--timeout")) -> None:
+    """Many clients (tiny model) against one server: requests = replies, server memory flat."""
+    from bench.load import main as load_main
+
+    args = ["--clients", str(clients), "--rounds", str(rounds), "--warmup", str(warmup), "--runs-dir", runs_dir,
+            "--timeout-s", str(timeout)] + (["--out", out] if out else [])
+    raise typer.Exit(load_main(args))

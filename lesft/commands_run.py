@@ -24,7 +24,7 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
             max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="generation budget per question"),
             config: str = typer.Option(None, "--config", hidden=True, help="ignored: the run's own config.json is used")) -> None:
     """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
-    from lesft.evaluate import evaluate, load_for_eval
+    from lesft.evaluate import evaluate, load_for_eval, probe_loss
     from lesft.data import load_examples
     from lesft.models import source_for
     from lesft.report import print_run_summary
@@ -39,12 +39,14 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
         split = "test"
         examples = load_examples(cfg.data.dataset, split, data_dir=cfg.data.data_dir or None, n=eval_n,
                                  seed=cfg.data.data_seed)
-        results = {}
+        results, losses = {}, {}
         for label, adapter in (("before", None), ("after", run / "adapter")):
             with console.status(f"evaluating {label} fine-tuning on {len(examples)} held-out {cfg.data.dataset} "
                                 f"questions"):
                 model = load_for_eval(source, adapter)
+                losses[label] = probe_loss(model, tok, examples, max_length=cfg.data.max_length)
                 results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens, first_line=True)
+        extra.append((f"held-out target NLL (before -> after)", f"{losses['before']:.4f} -> {losses['after']:.4f}"))
         for label, res in results.items():
             extra.append((f"accuracy {label} ({res.n} held-out {cfg.data.dataset} {split}, first line)",
                           f"{100 * res.accuracy:.1f}%  [95% CI {100 * res.ci_low:.1f}–{100 * res.ci_high:.1f}]"))

@@ -116,6 +116,12 @@ class _Trainable:
         stepped, self.window_rows = self.window_rows > 0, 0
         return stepped
 
+    def discard_window(self) -> None:
+        """Drop the gradients accumulated so far (rounds this party was left out of)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.window_rows = 0
+
     def adapters(self) -> dict[str, torch.Tensor]:
         return lora.get_adapters(self.part)
 

@@ -167,6 +167,25 @@ def add_lora(part: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Modul
     return part
 
 
+def adapter_shapes(config, layers: range, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
+    """Canonical adapter names and shapes of ``layers`` for a model config, without weights
+    (one decoder layer built on the meta device): what an aggregator must receive."""
+    from transformers import AutoModel
+
+    from lesft.split import _part_config
+
+    with torch.device("meta"):
+        body = AutoModel.from_config(_part_config(config, range(0, 1), tie=False))
+    out: dict[str, tuple[int, ...]] = {}
+    linears = [(n, m) for n, m in body.layers[0].named_modules()
+               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in settings.lora_targets]
+    for i in layers:
+        for name, m in linears:
+            out[f"layers.{i}.{name}.lora_A"] = (settings.lora_r, m.in_features)
+            out[f"layers.{i}.{name}.lora_B"] = (m.out_features, settings.lora_r)
+    return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
+
+
 def adapter_params(part: nn.Module) -> dict[str, nn.Parameter]:
     """Canonical name -> the live LoRA parameter of this part."""
     out = {}

@@ -77,6 +77,7 @@ class Fuzzer(threading.Thread):
         self.errors: Counter = Counter()  # target -> ERROR replies received
         self.unexpected: list = []  # any reply but an ERROR or a probe's HEARTBEAT
         self.oversize = 0
+        self.oversize_cut = 0  # of those, how many made the receiver close the connection
         self.sessions: dict[int, str] = {}
         self.last_round_seen = (0, 0.0)  # (server rounds closed, when that number was first seen)
         self.aggregated = False
@@ -236,15 +237,27 @@ class Fuzzer(threading.Thread):
         return False
 
     def send_oversize(self) -> None:
-        """One frame over --max-message-mb to each worker, on a socket of its own: ZeroMQ
-        drops it and closes that connection before the worker sees it."""
+        """One frame over --max-message-mb to each worker, on a socket of its own: ZeroMQ drops
+        it and closes that connection before the worker sees it (the socket monitor shows
+        the connection made, then closed by the peer)."""
+        from zmq.utils.monitor import recv_monitor_message
+
         big = b"\0" * (self.cfg.net.max_message_mb * 2**20 + 1024)
         for address in (self.cfg.net.broker_frontend, self.cfg.net.aggregator_address):
-            sock = self._dealer(address)
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            sock.connect(address)
             sock.send_multipart([b"", self.header(), big])
-            time.sleep(0.2)
+            events, deadline = [], time.monotonic() + 10
+            while zmq.EVENT_DISCONNECTED not in events and time.monotonic() < deadline:
+                if monitor.poll(100):
+                    events.append(recv_monitor_message(monitor)["event"])
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
             self.oversize += 1
+            self.oversize_cut += events[:2] == [zmq.EVENT_CONNECTED, zmq.EVENT_DISCONNECTED]
 
     # ------------------------------------------------------------------ building blocks
 
@@ -611,7 +624,7 @@ def test_fuzzing_changes_nothing_and_every_bad_message_is_counted(tmp_path, e2e_
     assert all(c == 0 for n, c in codes.items() if n != "broker-0") and broker_alive, codes
     assert fuzzer.total() >= MIN_MESSAGES, fuzzer.sent
     assert fuzzer.total() - fuzzer.phase_b_start >= MIN_DURING_TRAINING, (fuzzer.phase_b_start, fuzzer.sent)
-    assert fuzzer.oversize == 2
+    assert fuzzer.oversize == fuzzer.oversize_cut == 2
     assert not fuzzer.unexpected, fuzzer.unexpected[:10]
 
     server, aggregator = run.final("server-0"), run.final("aggregator-0")

@@ -368,3 +368,20 @@ def test_keyed_dropout_masks_are_the_same_in_the_split_and_the_full_model(qwen):
 
     # Assert
     assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-llama", "tiny-mistral"])
+def test_adapter_shapes_from_config_match_the_injected_adapters(arch):
+    from lesft.config import LoraSettings
+    from lesft.models import resolve
+    from lesft.split import load_split
+
+    source = resolve(f"arch:{arch}")
+    settings = LoraSettings(lora_r=4, lora_targets=("q_proj", "up_proj", "down_proj"))
+    client, server = load_split(source, 0.5)
+    lora.add_lora(client, settings)
+    lora.add_lora(server, settings)
+    live = {k: tuple(p.shape) for k, p in {**lora.adapter_params(client), **lora.adapter_params(server)}.items()}
+    assert lora.adapter_shapes(source.config, range(source.n_layers), settings) == live
+    assert lora.adapter_shapes(source.config, range(client.k), settings) == {
+        k: tuple(p.shape) for k, p in lora.adapter_params(client).items()}

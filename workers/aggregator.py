@@ -17,11 +17,15 @@ import zmq
 from lesft import wire
 from lesft.aggregate import fedavg
 from lesft.config import Config
-from lesft.lora import save_adapters
+from lesft.engine import run_fingerprint
+from lesft.lora import adapter_shapes, save_adapters
+from lesft.methods import get_method
+from lesft.models import source_for
+from lesft.split import split_point
 from lesft.trainer import GLOBAL_CLIENT_FILE
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers import security
-from workers.common import Channel, Inbound, Sessions, Worker, make_socket, reply_error
+from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket, reply_error
 
 
 class Aggregator(Worker):
@@ -32,7 +36,12 @@ class Aggregator(Worker):
         self.expected = cfg.data.clients
         self.registered: dict[int, int] = {}  # client id -> n_samples
         self.uploads: dict[int, dict[int, tuple[dict, int]]] = {}
-        self.schema: dict[str, tuple[int, ...]] | None = None
+        # what every upload must hold, from the settings (never learnt from a peer)
+        source = source_for(cfg)
+        self.fingerprint, self.parts = run_fingerprint(cfg, source)
+        method = get_method(cfg.train.method)
+        layers = range(split_point(source.n_layers, cfg.model.split_ratio)) if method.split else range(source.n_layers)
+        self.schema: dict[str, tuple[int, ...]] = adapter_shapes(source.config, layers, cfg.lora)
         self.latest: Message | None = None
         self.byes: set[int] = set()
         self.done_at: float | None = None
@@ -109,6 +118,7 @@ class Aggregator(Worker):
         cid = msg.meta["client_id"]
         if cid != msg.sender or cid >= self.expected:
             raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1}")
+        check_fingerprint(msg, self.fingerprint, self.parts)
         self.sessions.register(cid, msg.meta.get("session"), self.log)
         if cid not in self.registered:
             self.log.info("client %d subscribed (%d/%d)", cid, len(self.registered) + 1, self.expected)
@@ -130,8 +140,6 @@ class Aggregator(Worker):
         bucket = self.uploads.setdefault(msg.round, {})
         self.deadlines.setdefault(msg.round, time.monotonic())
         bucket[msg.sender] = ({k: v.clone() for k, v in msg.tensors.items()}, msg.meta["n_samples"])
-        if self.schema is None:
-            self.schema = {k: tuple(v.shape) for k, v in msg.tensors.items()}
         self.ack(inbound, msg)
         if set(bucket) >= set(self.registered) and len(bucket) >= self.expected:
             self.aggregate(msg.round)
@@ -194,8 +202,6 @@ class Aggregator(Worker):
 
     def combine_if_alone(self) -> None:
         """Without a server (fedavg) the aggregator holds the whole run: write ``adapter/``."""
-        from lesft.methods import get_method
-        from lesft.models import source_for
         from lesft.trainer import combine_run
 
         method = get_method(self.cfg.train.method)

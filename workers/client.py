@@ -123,6 +123,9 @@ class Client(Worker):
                          server_round - 1, server_round)
         self.meter.count("rounds_missed", server_round - r)
         self.party.pending = None
+        # a window that spans the gap would step on gradients from before it: start afresh
+        if any(is_step_round(x, rounds, self.cfg.train.grad_accum) for x in range(r, server_round)):
+            self.party.discard_window()
         self.load_latest_global(r, server_round, rounds)
         return server_round
 

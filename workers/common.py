@@ -259,6 +259,17 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
                 break
 
 
+def check_fingerprint(msg: Message, fingerprint: str, parts: dict) -> None:
+    """Refuse a HELLO whose model, split point, LoRA config or method differs, naming what differs."""
+    if msg.meta["fingerprint"] != fingerprint:
+        theirs = msg.meta.get("parts", {})
+        theirs = theirs if isinstance(theirs, dict) else {}
+        diff = [f"{k}: client {theirs.get(k)!r} vs {v!r} here" for k, v in parts.items()
+                if theirs.get(k) != v] or ["base model config"]
+        raise WireError(ErrorCode.FINGERPRINT_MISMATCH, f"model mismatch ({'; '.join(diff)}): "
+                                                        "start every party with the same settings")
+
+
 class Sessions:
     """Which process speaks for each client id: the random session id of its HELLO.
 

@@ -28,7 +28,7 @@ from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
 from workers import security
-from workers.common import Channel, Inbound, Sessions, Worker, make_socket, reply_error
+from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket, reply_error
 
 _WIRE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -177,12 +177,7 @@ class Server(Worker):
         if cid != msg.sender or cid >= self.expected:
             raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1} "
                                                       f"(the server runs --clients {self.expected})")
-        if msg.meta["fingerprint"] != self.fingerprint:
-            theirs = msg.meta.get("parts", {})
-            diff = [f"{k}: client {theirs.get(k)!r} vs server {v!r}" for k, v in self.parts.items()
-                    if theirs.get(k) != v] or ["base model config"]
-            raise WireError(ErrorCode.FINGERPRINT_MISMATCH, f"model mismatch ({'; '.join(diff)}): "
-                                                            "start both sides with the same settings")
+        check_fingerprint(msg, self.fingerprint, self.parts)
         self.sessions.register(cid, msg.meta.get("session"), self.log)
         slot = self.clients.get(cid)
         if slot is None:
