@@ -24,8 +24,7 @@ from lesft.models import source_for
 from lesft.split import split_point
 from lesft.trainer import GLOBAL_CLIENT_FILE
 from lesft.wire import ErrorCode, Message, MsgType, WireError
-from workers import security
-from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket, reply_error
+from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
 
 
 class Aggregator(Worker):
@@ -84,31 +83,9 @@ class Aggregator(Worker):
         return 0
 
     def dispatch(self, inbound: Inbound) -> None:
-        if inbound.error is not None:
-            reply_error(self.router, inbound, inbound.error, self.role, self.id, self.run_id, self.log)
-            return
-        msg = inbound.msg
-        try:
-            if msg.run_id != self.run_id:
-                raise WireError(ErrorCode.BAD_FIELD, f"run id {msg.run_id!r} is not this aggregator's {self.run_id!r}")
-            handler = {MsgType.HELLO: self.on_hello, MsgType.UPLOAD: self.on_upload, MsgType.FETCH: self.on_fetch,
-                       MsgType.BYE: self.on_bye, MsgType.HEARTBEAT: self.on_heartbeat}.get(msg.type)
-            if handler is None:
-                raise WireError(ErrorCode.BAD_TYPE, f"the aggregator does not take {msg.type.value} messages")
-            if msg.role == "client":
-                security.authorise(inbound.envelope, msg.sender, self.cfg)
-            if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT
-                                                  and msg.sender not in self.sessions.owner):
-                self.sessions.check(msg)
-            handler(inbound, msg)
-        except WireError as e:
-            self.meter.count(f"rejected.{e.code.value}")
-            reply_error(self.router, inbound, e, self.role, self.id, self.run_id, self.log)
-        except Exception as e:  # noqa: BLE001 - one bad message must never take the aggregator down
-            self.log.exception("internal error on %s from %s-%s", msg.type.value, msg.role, msg.sender)
-            self.meter.count("rejected.internal")
-            reply_error(self.router, inbound, WireError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"), self.role,
-                        self.id, self.run_id, self.log)
+        self.serve(self.router, inbound, {MsgType.HELLO: self.on_hello, MsgType.UPLOAD: self.on_upload,
+                                          MsgType.FETCH: self.on_fetch, MsgType.BYE: self.on_bye,
+                                          MsgType.HEARTBEAT: self.on_heartbeat}, self.sessions)
 
     def ack(self, inbound: Inbound, msg: Message, **meta) -> None:
         self.router.send(self.message(MsgType.ACK, msg.round, msg.seq, meta), inbound.envelope)

@@ -22,6 +22,7 @@ from lesft import wire
 from lesft.config import Config
 from lesft.metrics import JsonlWriter, Meter
 from lesft.wire import ErrorCode, Message, MsgType, WireError
+from workers import security
 
 
 class WorkerError(RuntimeError):
@@ -67,8 +68,6 @@ def make_socket(ctx: zmq.Context, kind: int, cfg: Config, *, bind: str | None = 
 
     ``identity`` names the CurveZMQ key pair ("broker", "server", "aggregator", "client-<i>").
     """
-    from workers import security
-
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.net.max_message_mb * 2**20)
@@ -341,6 +340,36 @@ class Worker:
                   "compute_total_s": sum(v for k, v in m.compute_s.items() if k != "checkpoint"), "t": m.wall_s(),
                   "rss_mb": round(m.current_rss_mb(), 1)}
         self.metrics.write({"event": event, **totals, **fields})
+
+    def serve(self, chan: Channel, inbound: Inbound, handlers: dict, sessions: Sessions) -> None:
+        """Validate one received message (run id, type, key identity, session) and hand it to
+        its handler; any problem becomes an ERROR reply and a ``rejected.<code>`` count,
+        never an exception that would take this worker down."""
+        if inbound.error is not None:
+            reply_error(chan, inbound, inbound.error, self.role, self.id, self.run_id, self.log)
+            return
+        msg = inbound.msg
+        try:
+            if msg.run_id != self.run_id:
+                raise WireError(ErrorCode.BAD_FIELD, f"run id {msg.run_id!r} is not this {self.role}'s "
+                                                     f"{self.run_id!r}: start every party with --run-id {self.run_id}")
+            handler = handlers.get(msg.type)
+            if handler is None:
+                raise WireError(ErrorCode.BAD_TYPE, f"the {self.role} does not take {msg.type.value} messages")
+            if msg.role == "client":
+                security.authorise(inbound.envelope, msg.sender, self.cfg)
+            # a heartbeat from an unknown client is answered "have: false" (it then sends HELLO again)
+            if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT and msg.sender not in sessions.owner):
+                sessions.check(msg)
+            handler(inbound, msg)
+        except WireError as e:
+            self.meter.count(f"rejected.{e.code.value}")
+            reply_error(chan, inbound, e, self.role, self.id, self.run_id, self.log)
+        except Exception as e:  # noqa: BLE001 - one bad message must never take a worker down
+            self.log.exception("internal error on %s from %s-%s", msg.type.value, msg.role, msg.sender)
+            self.meter.count("rejected.internal")
+            reply_error(chan, inbound, WireError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"), self.role,
+                        self.id, self.run_id, self.log)
 
     def finish(self, **fields) -> None:
         self.metrics.write({"event": "final", **self.meter.snapshot(), **fields})

@@ -27,8 +27,7 @@ from lesft.models import source_for
 from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
-from workers import security
-from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket, reply_error
+from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
 
 _WIRE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -142,32 +141,8 @@ class Server(Worker):
         self.chan.send(msg, inbound.envelope, float_dtype)
 
     def dispatch(self, inbound: Inbound) -> None:
-        if inbound.error is not None:
-            reply_error(self.chan, inbound, inbound.error, self.role, self.id, self.run_id, self.log)
-            return
-        msg = inbound.msg
-        try:
-            if msg.run_id != self.run_id:
-                raise WireError(ErrorCode.BAD_FIELD, f"run id {msg.run_id!r} is not this server's {self.run_id!r}: "
-                                                     f"start the client with --run-id {self.run_id}")
-            handler = {MsgType.HELLO: self.on_hello, MsgType.FORWARD: self.on_forward,
-                       MsgType.HEARTBEAT: self.on_heartbeat, MsgType.BYE: self.on_bye}.get(msg.type)
-            if handler is None:
-                raise WireError(ErrorCode.BAD_TYPE, f"the server does not take {msg.type.value} messages")
-            if msg.role == "client":
-                security.authorise(inbound.envelope, msg.sender, self.cfg)
-            if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT
-                                                  and msg.sender not in self.sessions.owner):
-                self.sessions.check(msg)
-            handler(inbound, msg)
-        except WireError as e:
-            self.meter.count(f"rejected.{e.code.value}")
-            reply_error(self.chan, inbound, e, self.role, self.id, self.run_id, self.log)
-        except Exception as e:  # noqa: BLE001 - one bad message must never take the server down
-            self.log.exception("internal error on %s from %s-%s", msg.type.value, msg.role, msg.sender)
-            self.meter.count("rejected.internal")
-            reply_error(self.chan, inbound, WireError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"), self.role,
-                        self.id, self.run_id, self.log)
+        self.serve(self.chan, inbound, {MsgType.HELLO: self.on_hello, MsgType.FORWARD: self.on_forward,
+                                        MsgType.HEARTBEAT: self.on_heartbeat, MsgType.BYE: self.on_bye}, self.sessions)
 
     # ------------------------------------------------------------------ handlers
 
