@@ -7,7 +7,9 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 BIN        := $(VENV)/bin
-RUN_ID     ?= demo-$(shell date +%Y%m%d-%H%M%S)
+ifndef RUN_ID
+RUN_ID     := demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast e2e venv clean
@@ -24,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(BIN)/lesft prepare
 	cd $(CURDIR) && PATH="$(CURDIR)/$(BIN):$$PATH" LESFT_RUN_ID=$(RUN_ID) $(BIN)/honcho start
-	$(BIN)/lesft summary --run runs/$(RUN_ID) --config configs/demo.toml
+	$(BIN)/lesft summary --run runs/$(RUN_ID)
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -20,9 +20,8 @@ def _run_config(run: Path) -> Config:
 @app.command()
 @guarded
 def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-id>)"),
-            eval_n: int = typer.Option(30, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
-            max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="generation budget per question"),
-            config: str = typer.Option(None, "--config", hidden=True, help="ignored: the run's own config.json is used")) -> None:
+            eval_n: int = typer.Option(20, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
+            max_new_tokens: int = typer.Option(80, "--max-new-tokens", help="generation budget per question")) -> None:
     """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
     from lesft.evaluate import evaluate, load_for_eval, probe_loss
     from lesft.data import load_examples
@@ -50,6 +49,9 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
         for label, res in results.items():
             extra.append((f"accuracy {label} ({res.n} held-out {cfg.data.dataset} {split}, first line)",
                           f"{100 * res.accuracy:.1f}%  [95% CI {100 * res.ci_low:.1f}–{100 * res.ci_high:.1f}]"))
+        for label, res in results.items():
+            formatted = sum("the answer is" in r["output"].lower() for r in res.records)
+            extra.append((f"answers in the trained format {label}", f"{formatted}/{res.n}"))
     print_run_summary(run, console, extra)
 
 
