@@ -62,7 +62,7 @@ def _atomic_json(path: Path, data: dict) -> None:
 
 
 def run_cell(cfg: Config, cell: Cell, out_dir: Path, *, eval_split: str, limit: int, max_new_tokens: int,
-             batch_size: int, pipeline: bool = False, timeout_s: float = 3600) -> dict:
+             batch_size: int, pipeline: bool = False, timeout_s: float = 3600, first_line: bool = False) -> dict:
     """Train (unless ``base``) then evaluate one cell; returns its result record."""
     from lesft.data import load_examples
     from lesft.evaluate import evaluate, load_for_eval
@@ -93,7 +93,7 @@ def run_cell(cfg: Config, cell: Cell, out_dir: Path, *, eval_split: str, limit: 
                              seed=c.data.data_seed)
     t1 = time.perf_counter()
     res = evaluate(load_for_eval(source, adapter, device=_eval_device(c)), tok, examples,
-                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, first_line=first_line)
     return {"key": cell.key, "method": cell.method, **{k: v for k, v in cell.overrides.items()},
             "dataset": c.data.dataset, "model": source.label, "accuracy": res.accuracy, "ci_low": res.ci_low,
             "ci_high": res.ci_high, "n": res.n, "correct": res.correct, "final_loss": loss,

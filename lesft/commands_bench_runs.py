@@ -132,6 +132,8 @@ def accuracy_command(
     limit: int = typer.Option(100, "--limit", help="evaluation questions per cell"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     eval_batch_size: int = typer.Option(8, "--eval-batch-size"),
+    first_line: bool = typer.Option(False, "--first-line", help="stop answers at their first newline (faster; "
+                                                               "training targets are one line)"),
     pipeline: bool = typer.Option(False, "--pipeline", help="train through the worker processes (same result)"),
     out: Optional[str] = typer.Option(None, "--out", help="output folder (rerun with it to resume)"),
     *, cfg: Config) -> None:
@@ -149,7 +151,8 @@ def accuracy_command(
     progress, tick = _grid_progress(len(cells))
     with progress:
         rows = run_grid(cfg, cells, out_dir, progress=tick, eval_split="test", limit=limit,
-                        max_new_tokens=max_new_tokens, batch_size=eval_batch_size, pipeline=pipeline)
+                        max_new_tokens=max_new_tokens, batch_size=eval_batch_size, pipeline=pipeline,
+                        first_line=first_line)
     from lesft.methods import get_method
 
     label = {m: ("Base" if m == "base" else get_method(m).label) for m in names}
@@ -178,6 +181,8 @@ def sweep_command(
     limit: int = typer.Option(100, "--limit", help="evaluation questions per cell"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     eval_batch_size: int = typer.Option(8, "--eval-batch-size"),
+    first_line: bool = typer.Option(False, "--first-line", help="stop answers at their first newline (faster; "
+                                                               "training targets are one line)"),
     pipeline: bool = typer.Option(False, "--pipeline"),
     out: Optional[str] = typer.Option(None, "--out", help="output folder (rerun with it to resume)"),
     *, cfg: Config) -> None:
@@ -195,7 +200,8 @@ def sweep_command(
     progress, tick = _grid_progress(len(cells))
     with progress:
         rows = run_grid(cfg, cells, out_dir, progress=tick, eval_split="test", limit=limit,
-                        max_new_tokens=max_new_tokens, batch_size=eval_batch_size, pipeline=pipeline)
+                        max_new_tokens=max_new_tokens, batch_size=eval_batch_size, pipeline=pipeline,
+                        first_line=first_line)
     table = []
     for m in names:
         line = {"method": m}

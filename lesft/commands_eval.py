@@ -61,6 +61,8 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="evaluate a random sample of n questions (seed: --data-seed)"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest continuation"),
     out: Optional[str] = typer.Option(None, "--out", help="per-question JSONL (default: beside the adapter)"),
+    first_line: bool = typer.Option(False, "--first-line", help="stop each answer at its first newline "
+                                                               "(lesft's training targets are one line)"),
     gen_batch_size: int = DEFAULT_BATCH,
     *, cfg: Config) -> None:
     """Greedy-decode a dataset split and report accuracy with its 95% Wilson interval."""
@@ -96,12 +98,13 @@ def eval_command(
                   console=console) as progress:
         task = progress.add_task(f"eval {cfg.data.dataset}/{split}", total=len(examples), correct=0)
         result = evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
+                          first_line=first_line,
                           progress=lambda done, total, correct: progress.update(task, completed=done,
                                                                                  correct=correct))
     write_records(result, path)
     summary = dict(result.summary(), split=split, model=source.spec, random_weights=source.random_weights,
                    adapter=str(adapter) if adapter else None, limit=limit, data_seed=cfg.data.data_seed,
-                   max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=str(device),
+                   max_new_tokens=max_new_tokens, batch_size=gen_batch_size, first_line=first_line, device=str(device),
                    dtype=cfg.model.dtype, load_seconds=load_s, records=str(path), config=cfg.to_dict())
     summary_path = write_summary(summary, path.with_suffix(".json"))
     _print_result(result, summary, source.label)

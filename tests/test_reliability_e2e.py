@@ -100,7 +100,7 @@ def test_bad_input_at_start_fails_alone_with_one_line(crashed_run):
     assert "--id 7 is outside 0..1" in line, line
     assert mismatch.popen.returncode not in (0, None)
     line = one_error_line(mismatch.log_path.read_text())
-    assert "fingerprint_mismatch" in line and "k: client 2 vs server 1" in line, line
+    assert "fingerprint_mismatch" in line and "k: client 2 vs 1 here" in line, line
     assert "rejected hello from client-1: fingerprint_mismatch" in run.log("server-0")
     # the others were not disturbed: they finished (and their adapters are checked below)
     assert all(c == 0 for n, c in codes.items() if n != "broker-0"), codes
