@@ -67,7 +67,8 @@ def overhead_command(
         rows.append(row)
     cols = [Column("label", "framework"), Column("mem_client_mb", "mem client MB", ".0f"),
             Column("mem_server_mb", "mem server MB", ".0f"), Column("comm_client_mb", "comm client MB", ".2f"),
-            Column("comm_server_mb", "comm server MB", ".2f"), Column("lat_client_s", "latency client s", ".2f"),
+            Column("comm_server_mb", "comm server MB", ".2f"),
+            Column("comm_split_mb", "of which client<->server MB", ".2f"), Column("lat_client_s", "latency client s", ".2f"),
             Column("lat_server_s", "latency server s", ".2f"), Column("wall_epoch_s", "wall/epoch s", ".1f"),
             Column("paper_comm_mb", "paper acct. MB", ".2f")]
     info = machine_info()
@@ -77,7 +78,9 @@ def overhead_command(
     console.print(table)
     tg = ov.targets(rows)
     _print_targets(tg)
-    notes = _random_note(cfg) + [_MEM_HELP, "comm client = all clients' bytes sent+received in the epoch (summed); "
+    notes = _random_note(cfg) + [_MEM_HELP, "comm client = all clients' bytes sent+received in the epoch (summed), "
+                                 "aggregator traffic included; 'of which client<->server' leaves it out; "
+                                 "latency = compute seconds of the party in the epoch (mean over clients); "
                                  "fedavg's server columns are the aggregator's", machine_line(info)] + \
         [f"target {t['target']}: {t['value']:.4g} ({'met' if t['met'] else 'missed'})" for t in tg]
     write_results(out_dir, "overhead", rows, {"settings": cfg.to_dict(), "warmup": warmup, "targets": tg,
