@@ -94,17 +94,22 @@ def build_workload(cfg, n_clients: int, source=None, progress: Callable[[str], N
                      "n_layers": source.n_layers, "hidden": int(source.config.hidden_size)})
 
 
-def _tokens(rows: Sequence) -> dict[str, int]:
-    """Real and padded tokens of these parts, both ways of running them."""
+def _tokens(rows: Sequence, max_padding: float = 1.0) -> dict[str, int]:
+    """Real and padded tokens of these parts, both ways of running them (the batched way
+    padded within the groups the server forms, see :func:`lesft.batching.padding_groups`)."""
+    from lesft.batching import padding_groups
+
+    def padded(group: Sequence, path: str) -> int:
+        acts = [getattr(r, path) for r in group]
+        return 0 if acts[0] is None else sum(a.shape[0] for a in acts) * max(a.shape[1] for a in acts)
+
+    groups = [[rows[i] for i in g] for g in padding_groups(rows, max_padding)]
     real = sum(int(r.lengths.sum()) for r in rows)
-    seq_padded = sum(r.act.shape[0] * r.act.shape[1] for r in rows)
-    bat_padded = sum(r.act.shape[0] for r in rows) * max(r.act.shape[1] for r in rows)
     if rows[0].ref_act is not None:
         real += sum(int(r.ref_lengths.sum()) for r in rows)
-        seq_padded += sum(r.ref_act.shape[0] * r.ref_act.shape[1] for r in rows)
-        bat_padded += sum(r.ref_act.shape[0] for r in rows) * max(r.ref_act.shape[1] for r in rows)
-    return {"tokens": real, "targets": sum(int(r.y_len.sum()) for r in rows),
-            "padded_sequential": seq_padded, "padded_batched": bat_padded}
+    return {"tokens": real, "targets": sum(int(r.y_len.sum()) for r in rows), "groups": len(groups),
+            "padded_sequential": sum(padded([r], p) for r in rows for p in ("act", "ref_act")),
+            "padded_batched": sum(padded(g, p) for g in groups for p in ("act", "ref_act"))}
 
 
 class _Timed:
@@ -153,9 +158,10 @@ def measure_clients(party, work: Workload, n: int, repeat: int, warmup: int) -> 
     times = time_interleaved({"batched": batched, "sequential": sequential}, repeat, 0.0, 0,
                              device=party.device)
     b, s = summarize(times["batched"]), summarize(times["sequential"])
-    tok = _tokens(parts)
+    tok = _tokens(parts, party.cfg.net.microbatch_max_padding)
     row = {
-        "clients": n, "rows": sum(len(p) for p in parts), "tokens": tok["tokens"], "target_tokens": tok["targets"],
+        "clients": n, "rows": sum(len(p) for p in parts), "groups": tok["groups"], "tokens": tok["tokens"],
+        "target_tokens": tok["targets"],
         "batched_s": b["median_s"], "sequential_s": s["median_s"],
         "ratio": ratio(b["median_s"], s["median_s"]), "speedup": ratio(s["median_s"], b["median_s"]),
         "batched_tokens_per_s": tok["tokens"] / b["median_s"],
@@ -250,7 +256,7 @@ def lengths_note(info: dict) -> str:
 
 
 COLUMNS = [
-    Column("clients"), Column("tokens"),
+    Column("clients"), Column("groups"), Column("tokens"),
     Column("batched_s", "batched s", ".3f"), Column("sequential_s", "one-at-a-time s", ".3f"),
     Column("ratio", "batched/seq", ".3f"), Column("speedup", "speedup", ".2f"),
     Column("batched_tokens_per_s", "batched tok/s", ",.0f"),

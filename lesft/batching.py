@@ -211,3 +211,35 @@ def split_grad(grad: torch.Tensor, parts: Sequence[Rows]) -> list[torch.Tensor]:
         out.append(grad[start:start + b, :t].contiguous())
         start += b
     return out
+
+
+def padding_groups(parts: Sequence[Rows], max_padding: float) -> list[list[int]]:
+    """Split a microbatch into groups of parts (indices) so that no group pads more than
+    ``max_padding`` of the positions it computes (both paths counted): parts are sorted by
+    width and a group is closed when the next part would push it past the limit.
+
+    Every part stays whole (its rows, its gradient). With ``max_padding >= 1`` the
+    microbatch stays one group in arrival order. Grouping changes no result beyond float
+    summation order: the loss is a sum over rows and each row's token classes and weights
+    are its own.
+    """
+    if max_padding >= 1 or len(parts) < 2:
+        return [list(range(len(parts)))]
+
+    def widths(p: Rows) -> tuple[int, int]:
+        return p.act.shape[1], (p.ref_act.shape[1] if p.ref_act is not None else 0)
+
+    def waste(group: list[int]) -> float:
+        w = max(widths(parts[i])[0] for i in group)
+        r = max(widths(parts[i])[1] for i in group)
+        real = sum(len(parts[i]) * sum(widths(parts[i])) for i in group)
+        padded = sum(len(parts[i]) for i in group) * (w + r)
+        return 1.0 - real / padded
+
+    groups: list[list[int]] = []
+    for i in sorted(range(len(parts)), key=lambda i: widths(parts[i])):
+        if groups and waste(groups[-1] + [i]) <= max_padding:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

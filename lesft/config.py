@@ -169,6 +169,7 @@ class NetConfig:
     aggregator_pub: str = field(default="tcp://127.0.0.1:5758", metadata={"help": "aggregator PUB address (adapter broadcasts)"})
     wire_dtype: str = field(default="fp32", metadata={"help": "dtype of activations and gradients on the wire: fp32|bf16|fp16"})
     microbatch_wait_ms: int = field(default=2000, metadata={"help": "longest the server waits to fill a microbatch"})
+    microbatch_max_padding: float = field(default=1.0, metadata={"help": "largest share of padded positions in one server forward; a microbatch with more runs as length-sorted groups (1: never split; 0.1 pays on a CPU server with clients of mixed lengths)"})
     request_timeout_s: float = field(default=120.0, metadata={"help": "client wait for a reply before retrying"})
     retries: int = field(default=5, metadata={"help": "client retries of one request"})
     heartbeat_s: float = field(default=2.0, metadata={"help": "heartbeat interval"})
@@ -184,6 +185,7 @@ class NetConfig:
     def __post_init__(self) -> None:
         _one_of("wire_dtype", self.wire_dtype, ("fp32", "bf16", "fp16"))
         _positive("microbatch_wait_ms", self.microbatch_wait_ms, zero_ok=True)
+        _positive("microbatch_max_padding", self.microbatch_max_padding, zero_ok=True)
         _positive("request_timeout_s", self.request_timeout_s)
         _positive("retries", self.retries, zero_ok=True)
         _positive("max_message_mb", self.max_message_mb)

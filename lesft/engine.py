@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 
 from lesft import lora
-from lesft.batching import Batch, Rows, collate, concat_rows, encode_all, split_grad, target_positions
+from lesft.batching import (Batch, Rows, collate, concat_rows, encode_all, padding_groups, split_grad,
+                            target_positions)
 from lesft.config import Config
 from lesft.data import Example
 from lesft.loss import TokenLoss, gather_positions, lesft_token_loss, sft_token_loss, target_logprobs
@@ -314,7 +315,35 @@ class ServerParty(_Trainable):
         self.steps = 0
 
     def process(self, parts: Sequence[Rows], want_grad: bool) -> ServerResult:
-        """Forward both paths of a microbatch, the loss, the backward; returns each part's dL/dS."""
+        """Forward both paths of a microbatch, the loss, the backward; returns each part's dL/dS.
+
+        Parts of very different widths run as length-sorted groups (``--microbatch-max-padding``),
+        each its own forward and backward: the gradients add up in the adapters either way."""
+        grads: list[torch.Tensor | None] = [None] * len(parts)
+        row_loss: list[torch.Tensor | None] = [None] * len(parts)
+        row_valid: list[torch.Tensor | None] = [None] * len(parts)
+        merged: dict[str, float] = {}
+        for group in padding_groups(parts, self.cfg.net.microbatch_max_padding):
+            tl, group_grads = self._forward_backward([parts[i] for i in group], want_grad)
+            rl, rv, start = tl.rows.detach().cpu(), tl.valid.cpu(), 0
+            for i, g in zip(group, group_grads):
+                n = len(parts[i])
+                grads[i], row_loss[i], row_valid[i] = g, rl[start:start + n], rv[start:start + n]
+                start += n
+            _merge_stats(merged, tl.stats)
+        losses, valid = [], []
+        for rl, rv in zip(row_loss, row_valid):
+            v = int(rv.sum())
+            losses.append(float(rl[rv].mean()) if v else float("nan"))
+            valid.append(v)
+        all_loss, all_valid = torch.cat(row_loss), torch.cat(row_valid)
+        loss = float(all_loss[all_valid].mean()) if all_valid.any() else 0.0
+        stats = dict(merged, loss=loss, rows=int(all_valid.numel()))
+        return ServerResult(grads, losses, valid, stats)
+
+    def _forward_backward(self, parts: Sequence[Rows], want_grad: bool) -> tuple[TokenLoss, list]:
+        """One forward of both paths over these parts (right-padded together), the loss and
+        the backward of its sum; returns the loss and each part's dL/dS (or Nones)."""
         rows = concat_rows(parts).to(self.device, torch.float32)
         model: ServerModel = self.part  # type: ignore[assignment]
         T = rows.act.shape[1]
@@ -338,19 +367,18 @@ class ServerParty(_Trainable):
         with self.meter.phase("backward"):
             tl.total.backward()
         self.window_rows += int(tl.valid.sum())
-        grads: list[torch.Tensor | None] = [None] * len(parts)
-        if want_grad:
-            grads = [g.to("cpu") for g in split_grad(act.grad, parts)]
-        losses, valid, start = [], [], 0
-        row_loss, row_valid = tl.rows.detach().cpu(), tl.valid.cpu()
-        for p in parts:
-            sl = slice(start, start + len(p))
-            v = int(row_valid[sl].sum())
-            losses.append(float(row_loss[sl][row_valid[sl]].mean()) if v else float("nan"))
-            valid.append(v)
-            start += len(p)
-        stats = dict(tl.stats, loss=float(tl.loss.detach()), rows=len(rows))
-        return ServerResult(grads, losses, valid, stats)
+        grads = [g.to("cpu") for g in split_grad(act.grad, parts)] if want_grad else [None] * len(parts)
+        return tl, grads
+
+
+def _merge_stats(into: dict, stats: dict) -> None:
+    """Add one group's round statistics: token counts add, per-token means are token-weighted."""
+    n, total = stats.get("tokens", 0), into.get("tokens", 0)
+    for k, v in stats.items():
+        if k == "tokens":
+            continue
+        into[k] = (into.get(k, 0.0) * total + v * n) / max(total + n, 1)
+    into["tokens"] = total + n
 
 
 # --------------------------------------------------------------------------- agreement

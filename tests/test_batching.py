@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lesft.batching import (Rows, collate, concat_rows, encode, encode_all, labels, split_grad,
+from lesft.batching import (Rows, collate, concat_rows, encode, encode_all, labels, padding_groups, split_grad,
                             target_positions)
 from lesft.data import Example, generate_synthetic
 from lesft.loss import target_index
@@ -238,3 +238,29 @@ def test_rows_to_casts_only_floating_tensors():
     assert moved.act.dtype == moved.ref_act.dtype == torch.float64
     assert moved.lengths.dtype == part.lengths.dtype and moved.targets.dtype == part.targets.dtype
     assert torch.equal(moved.keys, part.keys)
+
+
+def test_padding_groups_sort_by_width_and_bound_the_padding():
+    # Prepare: widths (trained path, reference path) of five single-row parts
+    widths = [(76, 106), (101, 141), (73, 101), (103, 145), (68, 92)]
+    parts = [make_rows(1, w, r, 2, seed=i) for i, (w, r) in enumerate(widths)]
+
+    # Execute
+    groups = padding_groups(parts, 0.1)
+
+    # Assert: every part once, short ones together, each group within the bound
+    assert sorted(i for g in groups for i in g) == list(range(5))
+    assert groups == [[4, 2, 0], [1, 3]]
+    for g in groups:
+        w, r = max(widths[i][0] for i in g), max(widths[i][1] for i in g)
+        assert 1 - sum(sum(widths[i]) for i in g) / (len(g) * (w + r)) <= 0.1
+    assert padding_groups(parts, 1.0) == [[0, 1, 2, 3, 4]]  # never split: arrival order
+    assert padding_groups(parts, 0.0) == [[4], [2], [0], [1], [3]]
+    assert padding_groups(parts[:1], 0.0) == [[0]]
+
+
+def test_padding_groups_weigh_parts_by_their_rows():
+    # a 3-row part of width 10 and a 1-row part of width 12: 2*3 padded of 48 positions
+    parts = [make_rows(3, 10, None, 2, seed=1), make_rows(1, 12, None, 2, seed=2)]
+    assert padding_groups(parts, 0.125) == [[0, 1]]
+    assert padding_groups(parts, 0.12) == [[0], [1]]

@@ -265,6 +265,58 @@ def test_aggregation_is_the_sample_weighted_average(tmp_path, source):
     assert same(clients[0].adapters(), clients[1].adapters())
 
 
+def _server_grads(server) -> dict:
+    return {k: p.grad.clone() for k, p in lora.adapter_params(server.part).items() if p.grad is not None}
+
+
+@pytest.mark.parametrize("how", ["one at a time", "length groups"])
+def test_grouping_of_a_microbatch_changes_no_result(tmp_path, source, how):
+    """Sums and counts: the server's gradients, each client's dL/dS, its loss and the round's
+    statistics are those of one microbatch whether the rows run together, one client at a
+    time, or as length-sorted groups (--microbatch-max-padding)."""
+    from lesft.batching import padding_groups
+    from lesft.trainer import client_shards
+
+    # Prepare
+    cfg = make_config(tmp_path, "lesft").replace(clients=4, max_length=512)
+    tok = source.load_tokenizer()
+    method = METHODS["lesft"]
+    clients = [engine.ClientParty(cfg, source, method, i, s, tok) for i, s in enumerate(client_shards(cfg))]
+    parts = [c.forward(0) for c in clients]
+    assert len({p.act.shape[1] for p in parts}) > 1, "the clients' rows must differ in width"
+    whole = engine.ServerParty(cfg, source, method)
+    split_cfg = cfg.replace(microbatch_max_padding=0.1 if how == "length groups" else 1.0)
+    split = engine.ServerParty(split_cfg, source, method)
+
+    # Execute
+    ref = whole.process(parts, want_grad=True)
+    if how == "one at a time":
+        outs = [split.process([p], want_grad=True) for p in parts]
+        grads, losses = [o.grads[0] for o in outs], [o.losses[0] for o in outs]
+        tokens = sum(o.stats["tokens"] for o in outs)
+    else:
+        groups = padding_groups(parts, 0.1)
+        assert 1 < len(groups) < len(parts), "groups of several parts"
+        assert [i for g in groups for i in g] != list(range(len(parts))), "groups reorder the parts"
+        out = split.process(parts, want_grad=True)
+        grads, losses, tokens = out.grads, out.losses, out.stats["tokens"]
+        for k in ("nll", "frac_salient", "frac_subsalient", "weight_mean", "loss"):
+            assert out.stats[k] == pytest.approx(ref.stats[k], rel=1e-5), k
+
+    # Assert
+    assert len(padding_groups(parts, 1.0)) == 1
+    assert tokens == ref.stats["tokens"]
+    assert losses == pytest.approx(ref.losses, rel=1e-5)
+    for g, r in zip(grads, ref.grads):
+        assert g.shape == r.shape
+        assert_close(g, r, atol=1e-6, rtol=1e-4)
+    assert split.window_rows == whole.window_rows == len(parts)
+    mine, theirs = _server_grads(split), _server_grads(whole)
+    assert mine.keys() == theirs.keys() and mine
+    for k in theirs:
+        assert_close(mine[k], theirs[k], atol=1e-6, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- determinism and learning
 
 
