@@ -27,7 +27,7 @@ from lesft.config import Config
 from lesft.data import Example
 from lesft.loss import TokenLoss, gather_positions, lesft_token_loss, sft_token_loss, target_logprobs
 from lesft.methods import Method
-from lesft.metrics import Meter
+from lesft.metrics import Meter, merge_token_means
 from lesft.models import ModelSource
 from lesft.split import ClientModel, FullModel, ServerModel, split_point
 
@@ -330,7 +330,7 @@ class ServerParty(_Trainable):
                 n = len(parts[i])
                 grads[i], row_loss[i], row_valid[i] = g, rl[start:start + n], rv[start:start + n]
                 start += n
-            _merge_stats(merged, tl.stats)
+            merge_token_means(merged, tl.stats)
         losses, valid = [], []
         for rl, rv in zip(row_loss, row_valid):
             v = int(rv.sum())
@@ -369,16 +369,6 @@ class ServerParty(_Trainable):
         self.window_rows += int(tl.valid.sum())
         grads = [g.to("cpu") for g in split_grad(act.grad, parts)] if want_grad else [None] * len(parts)
         return tl, grads
-
-
-def _merge_stats(into: dict, stats: dict) -> None:
-    """Add one group's round statistics: token counts add, per-token means are token-weighted."""
-    n, total = stats.get("tokens", 0), into.get("tokens", 0)
-    for k, v in stats.items():
-        if k == "tokens":
-            continue
-        into[k] = (into.get(k, 0.0) * total + v * n) / max(total + n, 1)
-    into["tokens"] = total + n
 
 
 # --------------------------------------------------------------------------- agreement

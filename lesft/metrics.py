@@ -162,6 +162,16 @@ class Meter:
         }
 
 
+def merge_token_means(into: dict, stats: dict) -> None:
+    """Add one microbatch's statistics to ``into``: ``tokens`` add up, every other value is a
+    per-token mean and is averaged weighted by tokens."""
+    n, total = stats.get("tokens", 0), into.get("tokens", 0)
+    for k, v in stats.items():
+        if k != "tokens":
+            into[k] = (into.get(k, 0.0) * total + v * n) / max(total + n, 1)
+    into["tokens"] = total + n
+
+
 def _check_nbytes(nbytes: int) -> None:
     if nbytes < 0:
         raise ValueError(f"byte count must be >= 0, got {nbytes}")

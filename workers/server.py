@@ -23,6 +23,7 @@ from lesft.config import Config
 from lesft.engine import ServerParty, is_step_round, rounds_per_epoch, run_fingerprint
 from lesft.lora import row_keys
 from lesft.methods import get_method
+from lesft.metrics import merge_token_means
 from lesft.models import source_for
 from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
@@ -74,6 +75,7 @@ class Server(Worker):
         self.served: set[int] = set()
         self.pending: dict[int, dict[int, Request]] = {}
         self.round_acc: dict[str, float] = {}
+        self.round_stats: dict[str, float] = {}  # token-weighted over the round's microbatches
         self.byes: dict[int, tuple[list, int]] = {}
         self.done_at: float | None = None
         self.dropped: set[int] = set()  # stragglers left out of the current round
@@ -328,11 +330,7 @@ class Server(Worker):
         acc["loss_sum"] = acc.get("loss_sum", 0.0) + sum(l * v for l, v in zip(res.losses, res.valid_rows) if v)
         acc["rows"] = acc.get("rows", 0) + sum(res.valid_rows)
         acc["microbatches"] = acc.get("microbatches", 0) + 1
-        tokens = res.stats.get("tokens", 0)
-        acc["tokens"] = acc.get("tokens", 0) + tokens
-        for k, v in res.stats.items():
-            if k.startswith("frac_") or k in ("weight_mean", "nll"):
-                acc[f"{k}_sum"] = acc.get(f"{k}_sum", 0.0) + v * tokens
+        merge_token_means(self.round_stats, {k: v for k, v in res.stats.items() if k not in ("loss", "rows")})
 
     def close_round(self, failed: bool = False) -> None:
         """Step at the end of a window, checkpoint, then release the round's replies.
@@ -343,13 +341,13 @@ class Server(Worker):
         r = self.round
         stepped = is_step_round(r, self.rounds, self.cfg.train.grad_accum) and self.party.step()
         acc, self.round_acc = self.round_acc, {}
-        tokens = max(acc.get("tokens", 0), 1)
+        stats, self.round_stats = self.round_stats, {}
         record = {"round": r, "rounds": self.rounds, "loss": acc.get("loss_sum", 0.0) / max(acc.get("rows", 0), 1),
-                  "rows": acc.get("rows", 0), "tokens": acc.get("tokens", 0), "clients": sorted(self.served),
+                  "rows": acc.get("rows", 0), "tokens": stats.pop("tokens", 0), "clients": sorted(self.served),
                   "microbatches": acc.get("microbatches", 0), "stepped": stepped, "failed": failed,
                   "act_tokens": acc.get("act_tokens", 0), "ref_tokens": acc.get("ref_tokens", 0),
                   "wall_s": self.meter.wall_s()}
-        record.update({k[:-4]: v / tokens for k, v in acc.items() if k.endswith("_sum") and k != "loss_sum"})
+        record.update(stats)  # per-token means of the round: nll, class fractions, mean weight
         self.record("round", **record)
         self.log.info("round %d/%d loss %.4f (%d client%s, %d microbatch%s)%s", r + 1, self.rounds, record["loss"],
                       len(self.served), "" if len(self.served) == 1 else "s", record["microbatches"],
