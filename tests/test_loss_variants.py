@@ -14,6 +14,7 @@ from lesft.config import ConfigError, LossConfig, build_config
 from lesft.loss import (SALIENT, SUBSALIENT, excess_token_loss, kd_token_loss, lesft_token_loss, nlft_clusters,
                         power_token_loss, sft_token_loss, target_logprobs)
 from lesft.methods import get_method
+from test_loss import ref_weight
 
 SEEDS = (0, 1, 2)
 TOL = 1e-9
@@ -116,13 +117,6 @@ def ref_clusters(vectors, salient, mask, distance) -> list[list[bool]]:
             full[t] = member[j]
         out.append(full)
     return out
-
-
-def ref_weight(p: float, cls: int, p_sal: float, gammas) -> float:
-    g1, g2, g3 = gammas
-    if cls == 2:
-        return 1.0 + ((p - p_sal) / (1.0 - p_sal)) ** g1
-    return (p / p_sal) ** (g2 if cls == 1 else g3)
 
 
 # --------------------------------------------------------------------------- random inputs
