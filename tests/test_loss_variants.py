@@ -409,7 +409,8 @@ def test_ref_teacher_base_gives_the_logits_of_the_model_without_adapters(tmp_pat
     from lesft.trainer import client_shards
 
     cfg = build_config(cli=dict(model="arch:tiny-qwen2", method="lesft", loss="kd", ref_teacher=teacher, clients=1,
-                                samples_per_client=2, batch_size=2, max_length=64, runs_dir=str(tmp_path)), env={})
+                                samples_per_client=2, batch_size=2, max_length=64, runs_dir=str(tmp_path),
+                                device="cpu"), env={})
     source = resolve(cfg.model.model)
     tok = source.load_tokenizer()
     method = get_method("lesft")
