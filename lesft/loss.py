@@ -1,5 +1,7 @@
-"""The dual-path token-weighted loss of LESFT (paper sec. 3.4, eq. 16-17, Algorithm 2)
-and the plain SFT loss of the baselines. Vectorised; no per-token Python loop.
+"""The dual-path token-weighted loss of LESFT (paper sec. 3.4, eq. 16-17, Algorithm 2),
+its variants (``--loss nlft|kd|smooth|excess|power``, README "Loss variants") and the plain
+SFT loss of the baselines. Vectorised; the one per-token Python loop is NLFT's sequential
+clustering (``--sim-rule nlft``).
 
 Shapes: ``B`` rows, ``T`` target tokens per row (padded; ``mask`` marks real ones),
 ``D`` the dimension of the token vectors used for sub-salient clustering.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lesft import engine, lora
-from lesft.config import ConfigError, LossConfig, build_config
+from lesft.config import Config, ConfigError, LossConfig, build_config
 from lesft.loss import (SALIENT, SUBSALIENT, excess_token_loss, kd_token_loss, lesft_token_loss, nlft_clusters,
                         power_token_loss, sft_token_loss, target_logprobs)
 from lesft.methods import get_method
@@ -461,6 +461,8 @@ def test_loss_settings_reach_the_config_from_flags_env_and_toml(tmp_path):
     assert (cfg.loss.loss, cfg.loss.ref_teacher, cfg.loss.kd_topk) == ("kd", "base", 5)
     assert cfg.replace(loss="power", ref_teacher="live").loss.loss == "power"
     assert build_config(cli=dict(loss="kd"), env={}).to_toml().count('loss = "kd"') == 1
+    cfg.save(tmp_path / "config.json")  # a run's config.json reads back (group and leaf share the name)
+    assert Config.load(tmp_path / "config.json") == cfg
 
 
 @pytest.mark.parametrize("kw,match", [
