@@ -126,8 +126,9 @@ def lesft_token_loss(logprobs: torch.Tensor, ref_probs: torch.Tensor, ref_vector
     """LESFT on aligned targets: ``logprobs [B, T]`` of the trained path (with grad),
     ``ref_probs [B, T]`` and ``ref_vectors [B, T, D]`` of the weighting path (no grad).
 
-    ``cfg.loss == "nlft"`` adds the plain NLL with weight 1 (see :func:`nlft_clusters` for
-    what else NLFT's code does); ``cfg.sim_rule == "nlft"`` finds the sub-salient tokens with
+    ``cfg.loss == "nlft"`` adds the plain NLL with weight 1: NLFT's released rule, whose
+    code returns ``(weighted + NLL) * 10``; the factor 10 is left out, since AdamW's update
+    does not change (up to eps) when the loss is scaled. ``cfg.sim_rule == "nlft"`` finds the sub-salient tokens with
     NLFT's contiguous clusters over ``cluster_vectors [B, T, D]`` (the trained path's final
     hidden states) instead of the paper's rule over ``ref_vectors``."""
     with torch.no_grad():
