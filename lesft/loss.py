@@ -1,7 +1,7 @@
 """The dual-path token-weighted loss of LESFT (paper sec. 3.4, eq. 16-17, Algorithm 2),
 its variants (``--loss nlft|kd|smooth|excess|power``, README "Loss variants") and the plain
-SFT loss of the baselines. Vectorised; the one per-token Python loop is NLFT's sequential
-clustering (``--sim-rule nlft``).
+SFT loss of the baselines. Vectorised; only NLFT's sequential clustering (``--sim-rule
+nlft``) loops, one step per neighbour, over all its sweeps at once.
 
 Shapes: ``B`` rows, ``T`` target tokens per row (padded; ``mask`` marks real ones),
 ``D`` the dimension of the token vectors used for sub-salient clustering.
@@ -128,9 +128,9 @@ def lesft_token_loss(logprobs: torch.Tensor, ref_probs: torch.Tensor, ref_vector
 
     ``cfg.loss == "nlft"`` adds the plain NLL with weight 1: NLFT's released rule, whose
     code returns ``(weighted + NLL) * 10``; the factor 10 is left out, since AdamW's update
-    does not change (up to eps) when the loss is scaled. ``cfg.sim_rule == "nlft"`` finds the sub-salient tokens with
-    NLFT's contiguous clusters over ``cluster_vectors [B, T, D]`` (the trained path's final
-    hidden states) instead of the paper's rule over ``ref_vectors``."""
+    does not change (up to eps) when the loss is scaled. ``cfg.sim_rule == "nlft"`` finds
+    the sub-salient tokens with NLFT's contiguous clusters over ``cluster_vectors [B, T, D]``
+    (the trained path's final hidden states) instead of the paper's rule over ``ref_vectors``."""
     with torch.no_grad():
         if cfg.sim_rule == "nlft":
             if cluster_vectors is None:
