@@ -170,6 +170,9 @@ class Server(Worker):
             self.rounds = self.cfg.train.rounds or self.cfg.train.epochs * max(
                 rounds_per_epoch(s.n_samples, b) for s in self.clients.values())
             self.log.info("all %d clients registered: %d rounds", self.expected, self.rounds)
+            sizes = {c: self.clients[c].n_samples for c in sorted(self.clients)}
+            self.record("clients", rounds=self.rounds, n_samples=sizes,
+                        epochs={c: self.rounds / rounds_per_epoch(n, b) for c, n in sizes.items()})
             self.round_started = time.monotonic()
         if self.rounds is not None:
             for c_id, s in self.clients.items():
