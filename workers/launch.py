@@ -137,7 +137,6 @@ def launch(cfg: Config, *, roles: Sequence[tuple[str, int]] | None = None, timeo
     ``cfg`` are replaced by fresh loopback ones. Raises :class:`LaunchError` when a
     worker fails or ``timeout_s`` passes; every process is stopped either way.
     """
-    check_own_data(cfg)
     run_id = cfg.run.run_id or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.runs_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,16 +163,6 @@ def launch(cfg: Config, *, roles: Sequence[tuple[str, int]] | None = None, timeo
     codes = {p.name: p.popen.returncode for p in procs}
     return LaunchResult(run_dir, codes, time.monotonic() - t0, summarize_run(run_dir),
                         {p.name: p.log_path for p in procs})
-
-
-def check_own_data(cfg: Config) -> None:
-    """Every client's own file (``--client-data``) read and checked here, before any process
-    starts: bad data ends ``lesft train`` with one line (DataError) instead of a dead client."""
-    if cfg.data.data or cfg.data.client_data:
-        from lesft.models import source_for
-        from lesft.trainer import local_data_files
-
-        local_data_files(cfg, source_for(cfg).load_tokenizer())
 
 
 def _wait(procs: list[Proc], timeout_s: float | None, t0: float, run_dir: Path,
