@@ -183,7 +183,6 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
     server = ServerParty(cfg, source, method, meter=meter) if method.split else None
     rounds = total_rounds(cfg, [c.n_samples for c in clients], batch_size)
     log = JsonlWriter(run_dir / "trainer-0.jsonl")
-    log.write({"event": "clients", "rounds": rounds, **client_sizes(clients, rounds)})
     history: list[dict] = []
     for r in range(rounds):
         last = r == rounds - 1
@@ -223,6 +222,6 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
         client_ad = {}
     final_outputs(run_dir, cfg, source, method, server_ad, client_ad)
     wall = time.perf_counter() - t0
-    log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall})
+    log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall, **client_sizes(clients, rounds)})
     log.close()
     return RunResult(run_dir, history, server_ad, client_ad, wall)

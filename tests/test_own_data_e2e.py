@@ -136,8 +136,9 @@ def test_sizes_are_the_fedavg_weights_and_decide_the_rounds(own_runs):
         assert "own data" in run.log(f"client-{c}") and ("prompt-completion" if c == 0 else "chat messages") \
             in run.log(f"client-{c}")
     assert len(run.server_rounds()) == rounds
-    trainer = read_jsonl(own_runs["inprocess"].run_dir / "trainer-0.jsonl")[0]
-    assert trainer["event"] == "clients" and trainer["n_samples"] == want
+    trainer = read_jsonl(own_runs["inprocess"].run_dir / "trainer-0.jsonl")[-1]
+    assert trainer["event"] == "final" and trainer["n_samples"] == want
+    assert trainer["epochs"] == pytest.approx(epochs)
 
 
 def test_pipeline_equals_inprocess_bit_for_bit(own_runs):

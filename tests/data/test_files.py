@@ -128,6 +128,15 @@ def test_missing_file(tmp_path, tokenizer):
         load_data_file(tmp_path / "nope.jsonl", tokenizer)
 
 
+def test_data_is_a_toml_key_at_the_top_level_and_in_its_group(tmp_path):
+    top = write(tmp_path, "a.toml", 'data = "mine.jsonl"\n')
+    grouped = write(tmp_path, "b.toml", '[data]\ndata = "mine.jsonl"\nclients = 3\n')
+    assert build_config(toml=top, env={}).data.data == "mine.jsonl"
+    cfg = build_config(toml=grouped, env={})
+    assert (cfg.data.data, cfg.data.clients) == ("mine.jsonl", 3)
+    assert build_config(toml=write(tmp_path, "c.toml", cfg.to_toml()), env={}).data.data == "mine.jsonl"
+
+
 def test_settings_and_paths():
     assert parse_fields("prompt=q, completion=a") == {"prompt": "q", "completion": "a"}
     with pytest.raises(DataError, match="role=field"):
