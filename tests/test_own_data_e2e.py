@@ -252,3 +252,26 @@ def test_summary_eval_data_before_after(own_runs, monkeypatch):
     assert res.exit_code == 0, res.output
     for label in ("before", "after"):
         assert f"accuracy {label} (2 held-out client0.jsonl exact final answer" in res.output
+
+
+def test_fedavg_clients_of_different_sizes_agree_on_the_rounds(tmp_path, e2e_cfg):
+    """Without a server the aggregator decides the rounds from the registered sizes; the
+    launcher of ``lesft train`` fills in ``{id}`` of ``--client-data`` for each process."""
+    from workers.launch import launch
+
+    write_files(tmp_path / "data")
+    cfg = e2e_cfg(tmp_path, method="fedavg", rounds=0, grad_accum=2, aggregate_every=2, done_linger_s=0.5,
+                  max_length=MAX_LENGTH, client_data=str(tmp_path / "data" / "client{id}.jsonl"), run_id="fedavg")
+    res = launch(cfg, timeout_s=300)
+    rounds = max(SIZES.values())
+    for c, n in SIZES.items():
+        recs = read_jsonl(res.run_dir / f"client-{c}.jsonl")
+        assert [r["round"] for r in recs if r["event"] == "round"] == list(range(rounds))
+        assert recs[-1]["n_samples"] == n
+    aggs = [r for r in read_jsonl(res.run_dir / "aggregator-0.jsonl") if r["event"] == "aggregation"]
+    assert aggs and all(a["weights"] == {str(c): n for c, n in SIZES.items()} for a in aggs)
+    ref = train_inprocess(cfg.replace(run_id="fedavg-inprocess"))
+    from safetensors.torch import load_file
+
+    got = load_file(res.run_dir / "client-adapters.safetensors")
+    assert all(torch.equal(got[k], ref.clients[-1][k]) for k in ref.clients[-1])
