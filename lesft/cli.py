@@ -54,7 +54,8 @@ def train(inprocess: bool = typer.Option(False, "--inprocess", help="run all par
     """Fine-tune: the in-process trainer, or the multi-process pipeline over ZeroMQ (default)."""
     from lesft.trainer import check_local_data
 
-    check_local_data(cfg)  # every client's own file (--client-data), before any party starts
+    for own in check_local_data(cfg):  # every client's own file (--client-data), before any party starts
+        console.print(f"own data {own.describe()}", highlight=False)
     if inprocess:
         _train_inprocess(cfg)
     else:

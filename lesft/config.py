@@ -151,7 +151,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=1, metadata={"help": "samples per client per round"})
     grad_accum: int = field(default=4, metadata={"help": "rounds per optimiser step"})
-    epochs: int = field(default=1, metadata={"help": "passes over each client's data"})
+    epochs: int = field(default=1, metadata={"help": "passes over the largest client's data (rounds per epoch: ceil(max |D_i| / batch))"})
     rounds: int = field(default=0, metadata={"help": "total rounds (0: derived from epochs)"})
     aggregate_every: int = field(default=4, metadata={"help": "I: rounds between client adapter aggregations"})
     seed: int = field(default=0, metadata={"help": "seed of LoRA init, dropout and sampling order"})

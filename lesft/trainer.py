@@ -60,10 +60,11 @@ def local_data_files(cfg: Config, tokenizer) -> list[DataFile] | None:
     return None if paths is None else [load_client_data(cfg, p, tokenizer) for p in paths]
 
 
-def check_local_data(cfg: Config) -> None:
+def check_local_data(cfg: Config) -> list[DataFile]:
     """Read and check every client's own file of a local run (``lesft train``); DataError on the first problem."""
-    if cfg.data.data or cfg.data.client_data:
-        local_data_files(cfg, source_for(cfg).load_tokenizer())
+    if not (cfg.data.data or cfg.data.client_data):
+        return []
+    return local_data_files(cfg, source_for(cfg).load_tokenizer())
 
 
 def client_shards(cfg: Config, tokenizer=None) -> list[list[Example]]:
