@@ -46,7 +46,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from lesft.data.records import ANSWER_CUE, DataError, Example, normalize_number, one_line, question_block
 
@@ -212,8 +212,8 @@ def _names(fields: dict[str, str], role: str) -> tuple[str, ...]:
     return (fields[role],) if role in fields else _DEFAULTS[role]
 
 
-def _detect_kind(obj: dict, fields: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """The record kind and the field name of each role, from the first record."""
+def _detect_kind(obj: dict, fields: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+    """The record kind and the field name of each role, from the first record (None: unknown)."""
     def first(role: str) -> str | None:
         return next((n for n in _names(fields, role) if n in obj), None)
 
@@ -226,7 +226,7 @@ def _detect_kind(obj: dict, fields: dict[str, str]) -> tuple[str, dict[str, str]
         kind = "question-answer" if (names["prompt"], names["completion"]) == ("question", "answer") else \
             "prompt-completion"
         return kind, names
-    raise DataError("")  # the caller names the file, line and fields
+    return None
 
 
 def final_answer(text: str) -> str | None:
@@ -345,18 +345,17 @@ def load_data_file(path: str | Path, tokenizer, *, fields: str | dict[str, str] 
             raise DataError(f"{where}: a record must be a JSON object, not {type(obj).__name__}: "
                             'write {"prompt": ..., "completion": ...}.')
         if kind is None:
-            try:
-                kind, names = _detect_kind(obj, fields)
-            except DataError:
+            detected = _detect_kind(obj, fields)
+            if detected is None:
                 found = ", ".join(map(repr, obj)) or "none"
                 raise DataError(f"{where}: unknown format (fields {found}): use prompt+completion, messages or "
-                                "question+answer, or map your names with --data-fields prompt=...,completion=..."
-                                ) from None
+                                "question+answer, or map your names with --data-fields prompt=...,completion=...")
+            kind, names = detected
         ex, has_ref = _example(kind, obj, names, tokenizer, f"{path.stem}:{line}", where)
         if need_reference and not has_ref:
             raise DataError(f"{where}: LESFT needs a reference input x~ but this record has no "
-                            f"{names['reference']!r} field and no final answer: add a "
-                            "\"reference\" (worked solution or verified answer) or \"final_answer\" field, or "
+                            f"{names['reference']!r} field and no final answer: add a {names['reference']!r} "
+                            f"field (worked solution or verified answer) or a {names['final_answer']!r} field, or "
                             "train with --paths base.")
         if max_length is not None:
             target = len(tokenizer(ex.y, add_special_tokens=False).input_ids) + len(eos)

@@ -77,14 +77,14 @@ def test_chat_template_of_the_tokenizer_is_used(tmp_path, tokenizer):
     import copy
 
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|endoftext|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
              "reference": "two and two"}]
     ex = load_data_file(jsonl(tmp_path, "t.jsonl", rows), tok).examples[0]
-    assert ex.x == "<user>2+2?</s><assistant>"
-    assert ex.y == "4</s>" or ex.y == "4"  # the template's end marker stays unless it is the EOS text
-    assert ex.x_ref == "<user>2+2?\n\nReference solution: two and two</s><assistant>"
+    assert ex.x == "<user>2+2?<|endoftext|>\n<assistant>"
+    assert ex.y == "4"  # the template's closing EOS text is dropped: the trainer appends EOS itself
+    assert ex.x_ref == "<user>2+2?\n\nReference solution: two and two<|endoftext|>\n<assistant>"
 
 
 def test_final_answer_forms():
