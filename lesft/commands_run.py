@@ -23,8 +23,9 @@ def _run_config(run: Path) -> Config:
 def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-id>)"),
             eval_n: int = typer.Option(20, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
             max_new_tokens: int = typer.Option(80, "--max-new-tokens", help="generation budget per question"),
-            eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="your own held-out file (JSONL/JSON/CSV) "
-                                                     "for accuracy before/after, by exact match of the final answer")) -> None:
+            eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="your own held-out file (JSONL/JSON/"
+                                                     "CSV) for accuracy before/after, exact match of the final answer"),
+            ) -> None:
     """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
     from lesft.evaluate import evaluate, load_for_eval, probe_loss
     from lesft.data import load_examples

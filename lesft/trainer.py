@@ -154,9 +154,10 @@ def client_epochs(n_samples: int, batch_size: int, rounds: int) -> float:
     return rounds / rounds_per_epoch(n_samples, batch_size)
 
 
-def client_sizes(clients, rounds: int) -> dict:
-    return {"n_samples": {c.client_id: c.n_samples for c in clients},
-            "epochs": {c.client_id: client_epochs(c.n_samples, c.batch_size, rounds) for c in clients}}
+def client_sizes(sizes: dict[int, int], batch_size: int, rounds: int) -> dict:
+    """Every client's ``n_samples`` and epochs, as the trainer, server and aggregator record them."""
+    return {"n_samples": dict(sorted(sizes.items())),
+            "epochs": {c: client_epochs(n, batch_size, rounds) for c, n in sorted(sizes.items())}}
 
 
 @dataclass
@@ -223,6 +224,7 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
         client_ad = {}
     final_outputs(run_dir, cfg, source, method, server_ad, client_ad)
     wall = time.perf_counter() - t0
-    log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall, **client_sizes(clients, rounds)})
+    log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall,
+               **client_sizes({c.client_id: c.n_samples for c in clients}, batch_size, rounds)})
     log.close()
     return RunResult(run_dir, history, server_ad, client_ad, wall)

@@ -107,9 +107,10 @@ class Aggregator(Worker):
         if rounds is None and not self.split:
             # without a server the clients learn the rounds here, once every size is known
             # (answered directly: a client waiting for the others is not a rejected message)
-            self.router.send(wire.error_message(ErrorCode.NOT_READY, f"waiting for {self.expected - len(self.registered)} "
-                                                "more client(s) to register", role=self.role, sender=self.id,
-                                                run_id=self.run_id, round=msg.round, seq=msg.seq), inbound.envelope)
+            missing = self.expected - len(self.registered)
+            self.router.send(wire.error_message(ErrorCode.NOT_READY, f"waiting for {missing} more client(s)",
+                                                role=self.role, sender=self.id, run_id=self.run_id, round=msg.round,
+                                                seq=msg.seq), inbound.envelope)
             return
         self.ack(inbound, msg, **({"rounds": rounds} if rounds is not None else {}))
 
@@ -120,13 +121,11 @@ class Aggregator(Worker):
             return None
         if self._rounds is None:
             from lesft.engine import total_rounds
-            from lesft.trainer import client_epochs
+            from lesft.trainer import client_sizes
 
-            sizes = [self.registered[c] for c in sorted(self.registered)]
-            self._rounds = total_rounds(self.cfg, sizes, self.cfg.train.batch_size)
             b = self.cfg.train.batch_size
-            self.record("clients", rounds=self._rounds, n_samples=dict(sorted(self.registered.items())),
-                        epochs={c: client_epochs(n, b, self._rounds) for c, n in sorted(self.registered.items())})
+            self._rounds = total_rounds(self.cfg, list(self.registered.values()), b)
+            self.record("clients", rounds=self._rounds, **client_sizes(self.registered, b, self._rounds))
         return self._rounds
 
     def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
