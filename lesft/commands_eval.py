@@ -114,6 +114,8 @@ def eval_command(
                           first_line=first_line, scorer=scorer,
                           progress=lambda done, total, correct: progress.update(task, completed=done,
                                                                                  correct=correct))
+    if scorer is not None:
+        result.dataset = f"{cfg.data.data} ({scorer.mode} match)"
     write_records(result, path)
     summary = dict(result.summary(), split=split, model=source.spec, random_weights=source.random_weights,
                    adapter=str(adapter) if adapter else None, limit=limit, data_seed=cfg.data.data_seed,

@@ -206,3 +206,23 @@ def test_evaluate_uses_the_scorer_on_a_fake_model(tmp_path, tokenizer, monkeypat
     assert (res.n, res.correct, res.accuracy) == (5, 3, 0.6)
     assert [r["correct"] for r in res.records] == [True, True, False, True, False]
     assert res.records[2]["extracted"] == "7" and res.records[2]["gold"] == "2"
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_data_ends_lesft_train_in_one_line(tmp_path, case):
+    """Every bad-data case through the CLI: non-zero exit, one line naming the file and the
+    line, no traceback, and nothing written to the run (the check comes before any party)."""
+    from typer.testing import CliRunner
+
+    from lesft.cli import app
+
+    write(tmp_path, "c0.jsonl", GOOD * 2)
+    path = write(tmp_path, "c1.jsonl", BAD[case][0])
+    res = CliRunner().invoke(app, ["train", "--inprocess", "--model", "arch:tiny-qwen2", "--clients", "2",
+                                   "--max-length", "32", "--runs-dir", str(tmp_path / "runs"), "--run-id", "r",
+                                   "--client-data", str(tmp_path / "c{id}.jsonl")])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert str(path) in lines[0] and BAD[case][1] in lines[0] and "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert not (tmp_path / "runs").exists()
