@@ -51,6 +51,8 @@ class Aggregator(Worker):
         self.sessions = Sessions(takeover_after=max(5 * net.heartbeat_s, net.request_timeout_s * (net.retries + 1)))
         self.deadlines: dict[int, float] = {}  # round -> when its first upload arrived
         self.failed: dict[int, str] = {}
+        self.split = method.split
+        self._rounds: int | None = None
 
     def run(self) -> int:
         net = self.cfg.net
@@ -98,9 +100,33 @@ class Aggregator(Worker):
         check_fingerprint(msg, self.fingerprint, self.parts)
         self.sessions.register(cid, msg.meta.get("session"), self.log)
         if cid not in self.registered:
-            self.log.info("client %d subscribed (%d/%d)", cid, len(self.registered) + 1, self.expected)
+            self.log.info("client %d subscribed (%d samples, %d/%d)", cid, msg.meta["n_samples"],
+                          len(self.registered) + 1, self.expected)
         self.registered[cid] = msg.meta["n_samples"]
-        self.ack(inbound, msg)
+        rounds = self.rounds()
+        if rounds is None and not self.split:
+            # without a server the clients learn the rounds here, once every size is known
+            # (answered directly: a client waiting for the others is not a rejected message)
+            missing = self.expected - len(self.registered)
+            self.router.send(wire.error_message(ErrorCode.NOT_READY, f"waiting for {missing} more client(s)",
+                                                role=self.role, sender=self.id, run_id=self.run_id, round=msg.round,
+                                                seq=msg.seq), inbound.envelope)
+            return
+        self.ack(inbound, msg, **({"rounds": rounds} if rounds is not None else {}))
+
+    def rounds(self) -> int | None:
+        """Rounds of the run once every client has registered: ``--rounds``, else ``--epochs`` x the
+        longest client epoch (what the server decides from its own registrations)."""
+        if len(self.registered) < self.expected:
+            return None
+        if self._rounds is None:
+            from lesft.engine import total_rounds
+            from lesft.trainer import client_sizes
+
+            b = self.cfg.train.batch_size
+            self._rounds = total_rounds(self.cfg, list(self.registered.values()), b)
+            self.record("clients", rounds=self._rounds, **client_sizes(self.registered, b, self._rounds))
+        return self._rounds
 
     def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
         # the aggregator answers every request at once, so a waiting client lost it: resend
@@ -157,7 +183,8 @@ class Aggregator(Worker):
                                                            "n_samples": sum(n for _, n in bucket.values())}, avg)
         self.pub.send(self.latest)
         self.meter.count("aggregations")
-        self.record("aggregation", round=r, clients=sorted(bucket), wall_s=self.meter.wall_s())
+        self.record("aggregation", round=r, clients=sorted(bucket), weights={c: bucket[c][1] for c in sorted(bucket)},
+                    wall_s=self.meter.wall_s())
         self.log.info("round %d: averaged %d clients and broadcast", r, len(bucket))
 
     def on_fetch(self, inbound: Inbound, msg: Message) -> None:

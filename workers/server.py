@@ -25,7 +25,7 @@ from lesft.lora import row_keys
 from lesft.methods import get_method
 from lesft.metrics import merge_token_means
 from lesft.models import source_for
-from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
+from lesft.trainer import SERVER_FILE, adapter_meta, client_sizes, combine_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
 from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
@@ -170,6 +170,8 @@ class Server(Worker):
             self.rounds = self.cfg.train.rounds or self.cfg.train.epochs * max(
                 rounds_per_epoch(s.n_samples, b) for s in self.clients.values())
             self.log.info("all %d clients registered: %d rounds", self.expected, self.rounds)
+            sizes = {c: s.n_samples for c, s in self.clients.items()}
+            self.record("clients", rounds=self.rounds, **client_sizes(sizes, b, self.rounds))
             self.round_started = time.monotonic()
         if self.rounds is not None:
             for c_id, s in self.clients.items():
