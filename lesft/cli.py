@@ -37,7 +37,7 @@ def show_config(as_json: bool = typer.Option(False, "--json", help="print JSON")
 
 
 @app.command()
-@config_command
+@config_command(only=("model", "cache_dir"))
 def prepare(*, cfg: Config) -> None:
     """Make the model ready offline (dequantise the embedded GGUF once into the cache)."""
     from lesft.models import resolve

@@ -31,10 +31,12 @@ def _own_batch_size(command: Callable) -> Callable:
                             default=typer.Option(DEFAULT_BATCH, "--batch-size",
                                                  help="prompts generated together (greedy results do not depend on it)"))
 
+    takes_setting = "batch_size" in inspect.signature(command).parameters  # the config flag, when offered
+
     @functools.wraps(command)
     def wrapper(**kwargs):
         gen_batch_size = kwargs.pop("batch_size")
-        return command(gen_batch_size=gen_batch_size, batch_size=None, **kwargs)
+        return command(gen_batch_size=gen_batch_size, **({"batch_size": None} if takes_setting else {}), **kwargs)
 
     at = next((i for i, p in enumerate(params) if p.name == "config"), len(params))
     wrapper.__signature__ = inspect.Signature(params[:at] + [own] + params[at:])  # type: ignore[attr-defined]
@@ -54,11 +56,12 @@ def default_output(adapter: str | None, dataset: str, split: str, runs_dir: str)
 
 @app.command("eval")
 @_own_batch_size
-@config_command
+@config_command(only=("model", "cache_dir", "dtype", "dataset", "data_dir", "data_seed", "device", "threads", "runs_dir"))
 def eval_command(
     adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder of a run (default: the base model)"),
     split: str = typer.Option("test", "--split", help="dataset split (commonsenseqa test = the labelled dev file)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate a random sample of n questions (seed: --data-seed)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate a random sample of n questions (seed: --data-seed) "
+                                                                 "\\[default: the whole split: hours on CPU for gsm8k]"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest continuation"),
     out: Optional[str] = typer.Option(None, "--out", help="per-question JSONL (default: beside the adapter)"),
     first_line: bool = typer.Option(False, "--first-line", help="stop each answer at its first newline "
