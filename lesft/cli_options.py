@@ -113,8 +113,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lesft.data import DataError
     from lesft.lora import AdapterError
     from lesft.models import ModelError
+    from lesft.trainer import RunDirError
 
-    return (ConfigError, DataError, ModelError, AdapterError)
+    return (ConfigError, DataError, ModelError, AdapterError, RunDirError)
 
 
 def config_command(func: Callable | None = None, *, only: Sequence[str] | None = None) -> Callable:

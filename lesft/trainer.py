@@ -7,6 +7,7 @@ base weights (one copy in memory); each has its own LoRA and AdamW.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,88 @@ from lesft.models import ModelSource, source_for
 from lesft.split import split_point
 
 
-def make_run_dir(cfg: Config) -> Path:
-    run_id = cfg.run.run_id or time.strftime("%Y%m%d-%H%M%S")
-    path = Path(cfg.run.runs_dir) / run_id
-    path.mkdir(parents=True, exist_ok=True)
+COMPLETE_FILE = "run-complete.json"
+INTERRUPTED_FILE = "run-interrupted.json"
+
+
+class RunDirError(ValueError):
+    """A run folder that must not be written into as asked (it holds another run)."""
+
+
+def run_state(path: Path) -> str:
+    """``finished`` (a completion marker, or the combined adapter of an older run),
+    ``unfinished`` (files but no marker: running, interrupted or failed) or ``empty``."""
+    if (path / COMPLETE_FILE).is_file() or (path / "adapter").is_dir():
+        return "finished"
+    if path.is_dir() and any(path.iterdir()):
+        return "unfinished"
+    return "empty"
+
+
+def open_run_dir(cfg: Config, existing: str = "new", default_id: str = "") -> Path:
+    """The run folder ``<runs_dir>/<run_id>``, created; the one place that decides whether a
+    run may write into a folder that already holds one.
+
+    ``existing``: ``new`` (a fresh run: refuse any folder with files), ``overwrite`` (a fresh
+    run: move the old one aside and delete it first), ``resume`` (continue what is there),
+    ``join`` (a worker of a running run: refuse only a finished one) or ``join-overwrite``
+    (the same, but delete a finished one); ``any`` only creates it (a worker object, once
+    its entry point has decided). Raises :class:`RunDirError`.
+    """
+    import fcntl
+    import shutil
+
+    if existing not in ("new", "overwrite", "resume", "join", "join-overwrite", "any"):
+        raise ValueError(f"existing={existing!r}")
+    run_id = cfg.run.run_id or default_id or time.strftime("%Y%m%d-%H%M%S")
+    root = Path(cfg.run.runs_dir)
+    path = root / run_id
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{run_id}.lock", "w") as lock:  # workers started together decide one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = run_state(path)
+        refuse = state == "finished" if existing == "join" else (state != "empty" and existing == "new")
+        clear = (state != "empty" and existing == "overwrite") or (state == "finished" and existing == "join-overwrite")
+        if refuse:
+            what = "a finished run" if state == "finished" else "an unfinished run (running, interrupted or failed)"
+            raise RunDirError(f"{path} holds {what}: pick another --run-id, or --resume / --overwrite.")
+        if clear:
+            if not (path / "config.json").is_file() and state != "finished":
+                raise RunDirError(f"{path} is not a lesft run folder (no config.json): not deleting it; "
+                                  "pick another --run-id.")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)  # atomic: nothing ever sees half of each run
+            shutil.rmtree(old, ignore_errors=True)
+        if existing == "resume":
+            (path / INTERRUPTED_FILE).unlink(missing_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def mark_run(run_dir: Path, *, complete: bool, **fields) -> Path:
+    """Write the completion (or interruption) marker of a run folder (atomically)."""
+    import json
+
+    name = COMPLETE_FILE if complete else INTERRUPTED_FILE
+    tmp = run_dir / f".{name}.{os.getpid()}"
+    tmp.write_text(json.dumps({"time": time.time(), **fields}) + "\n")
+    os.replace(tmp, run_dir / name)
+    if complete:
+        (run_dir / INTERRUPTED_FILE).unlink(missing_ok=True)
+    return run_dir / name
+
+
+def make_run_dir(cfg: Config, existing: str = "new") -> Path:
+    return open_run_dir(cfg, existing)
+
+
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C or a signal; its folder is marked incomplete."""
+
+    def __init__(self, run_dir: Path, round_: int | None, rounds: int | None) -> None:
+        self.run_dir, self.round, self.rounds = Path(run_dir), round_, rounds
+        where = f"round {round_} of {rounds}" if round_ is not None and rounds else "the start"
+        super().__init__(f"interrupted at {where}; partial run in {self.run_dir}")
 
 
 def client_shards(cfg: Config) -> list[list[Example]]:
@@ -118,14 +196,21 @@ class RunResult:
 
 
 def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None = None,
-                    source: ModelSource | None = None) -> RunResult:
-    """Run Algorithm 1 for ``cfg`` in this process; write the run folder; return adapters."""
+                    source: ModelSource | None = None, existing: str = "new") -> RunResult:
+    """Run Algorithm 1 for ``cfg`` in this process; write the run folder; return adapters.
+
+    ``existing``: what to do with a folder that already holds a run (:func:`open_run_dir`;
+    ``new`` refuses it, ``overwrite`` deletes it).
+    """
     t0 = time.perf_counter()
     method = get_method(cfg.train.method)
+    if existing == "resume":
+        raise RunDirError("the in-process trainer cannot resume a run: run the pipeline (lesft train without "
+                          "--inprocess) to resume, or start again with --overwrite.")
+    run_dir = make_run_dir(cfg, existing)
     source = source or source_for(cfg)
     tok = source.load_tokenizer()
     shards, batch_size = party_layout(method, cfg, client_shards(cfg))
-    run_dir = make_run_dir(cfg)
     cfg.save(run_dir / "config.json")
     meter = Meter("trainer", 0)
     clients = [ClientParty(cfg, source, method, i, shard, tok, batch_size=batch_size, meter=meter)
@@ -174,4 +259,5 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
     wall = time.perf_counter() - t0
     log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall})
     log.close()
+    mark_run(run_dir, complete=True, rounds=rounds)
     return RunResult(run_dir, history, server_ad, client_ad, wall)

@@ -179,10 +179,11 @@ class Aggregator(Worker):
 
     def combine_if_alone(self) -> None:
         """Without a server (fedavg) the aggregator holds the whole run: write ``adapter/``."""
-        from lesft.trainer import combine_run
+        from lesft.trainer import combine_run, mark_run
 
         method = get_method(self.cfg.train.method)
         if not method.split and (self.run_dir / GLOBAL_CLIENT_FILE).is_file():
             written = combine_run(self.run_dir, self.cfg, source_for(self.cfg), method)
             self.log.info("combined adapter at %s", written[0])
+            mark_run(self.run_dir, complete=True, rounds=None)
 

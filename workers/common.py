@@ -47,11 +47,43 @@ def stop_event() -> threading.Event:
     return ev
 
 
-def run_dir_for(cfg: Config) -> Path:
-    """Workers must agree on the folder: the run id defaults to "default" (not a timestamp)."""
-    path = Path(cfg.run.runs_dir) / (cfg.run.run_id or "default")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def die_with_parent() -> None:
+    """A worker started by the launcher (``LESFT_PARENT_PID``) stops when the launcher dies,
+    even by SIGKILL: Linux sends it SIGTERM (PR_SET_PDEATHSIG); elsewhere a thread notices
+    the new parent. SIGTERM then ends it cleanly (see :func:`stop_event`)."""
+    parent = os.environ.get("LESFT_PARENT_PID")
+    if not parent or not parent.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+                if os.getppid() != int(parent):  # died before prctl took effect
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_dir_for(cfg: Config, existing: str = "any") -> Path:
+    """Workers must agree on the folder: the run id defaults to "default" (not a timestamp).
+
+    The worker entry point (``workers.main``) checks it first with ``existing="join"``: a
+    worker refuses a finished run's folder unless told ``--resume`` or ``--overwrite``.
+    """
+    from lesft.trainer import open_run_dir
+
+    return open_run_dir(cfg, existing, default_id="default")
 
 
 def set_threads(cfg: Config) -> None:

@@ -28,15 +28,27 @@ ROLES = ("broker", "server", "aggregator", "client")
 @config_command
 def worker(role: str = typer.Option(..., "--role", help="broker | server | aggregator | client"),
            worker_id: int = typer.Option(0, "--id", help="client id, 0..clients-1"),
-           resume: bool = typer.Option(False, "--resume", help="server: continue from the last checkpoint"),
+           resume: bool = typer.Option(False, "--resume", help="server: continue from the last checkpoint; "
+                                                               "every role: accept a finished run's folder"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="delete a finished run in the run folder first"),
            *, cfg: Config) -> None:
     """Run one role of a LESFT system."""
+    from lesft.trainer import RunDirError
     from lesft.wire import WireError
     from workers import security
-    from workers.common import WorkerError
+    from workers.common import WorkerError, run_dir_for
 
     if role not in ROLES:
         fail(f"--role {role!r} is not a role: use one of {', '.join(ROLES)}.")
+    if resume and overwrite:
+        fail("--resume and --overwrite contradict each other: pick one.")
+    try:
+        run_dir_for(cfg, "resume" if resume else "join-overwrite" if overwrite else "join")
+    except RunDirError as e:
+        fail(f"{role}: {e}")
+    except OSError as e:
+        fail(f"{role}: cannot create the run folder in --runs-dir {cfg.run.runs_dir} "
+             f"({e.strerror or e}): pick a writable --runs-dir.")
     try:
         if role == "broker":
             from broker.proxy import Broker
@@ -66,6 +78,9 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
 
 
 def main() -> None:
+    from workers.common import die_with_parent
+
+    die_with_parent()
     app(prog_name="lesft-worker")
 
 

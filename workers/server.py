@@ -25,7 +25,7 @@ from lesft.lora import row_keys
 from lesft.methods import get_method
 from lesft.metrics import merge_token_means
 from lesft.models import source_for
-from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
+from lesft.trainer import SERVER_FILE, adapter_meta, combine_run, mark_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
 from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
@@ -392,6 +392,7 @@ class Server(Worker):
                 self.log.info("run complete: combined adapter at %s", written[0])
             except ValueError as e:  # the other side's files are on another machine
                 self.log.info("run complete; not combined here (%s): run `lesft combine --run %s`", e, self.run_dir)
+            mark_run(self.run_dir, complete=True, rounds=self.rounds)
             self.done_at = time.monotonic()
         for envelope, seq in self.byes.values():
             self.chan.send(self.message(MsgType.DONE, -1, seq), envelope)
@@ -431,6 +432,7 @@ class CentralizedServer(Worker):
                 self.record("round", round=r, rounds=rounds, loss=float(tl.loss.detach()), stepped=stepped,
                             wall_s=self.meter.wall_s(), **tl.stats)
             final_outputs(self.run_dir, self.cfg, self.source, self.method, None, {-1: self.party.adapters()})
+            mark_run(self.run_dir, complete=True, rounds=rounds)
         finally:
             self.finish()
         return 0
