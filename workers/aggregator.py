@@ -24,7 +24,7 @@ from lesft.models import source_for
 from lesft.split import split_point
 from lesft.trainer import GLOBAL_CLIENT_FILE
 from lesft.wire import ErrorCode, Message, MsgType, WireError
-from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
+from workers.common import NOTE_EVERY_S, Channel, Inbound, Sessions, Worker, WorkerError, check_fingerprint, make_socket
 
 
 class Aggregator(Worker):
@@ -63,11 +63,26 @@ class Aggregator(Worker):
         self.log.info("aggregating %d clients: uploads on %s, broadcasts on %s", self.expected,
                       net.aggregator_address, net.aggregator_pub)
         next_beat = 0.0
+        last_join = last_note = time.monotonic()
+        joined = 0
         try:
             while not self.stop.is_set():
                 if self.router.sock.poll(50):
                     self.dispatch(self.router.recv())
                 now = time.monotonic()
+                if len(self.registered) != joined:
+                    joined, last_join = len(self.registered), now
+                if joined < self.expected and now - last_note > NOTE_EVERY_S:
+                    last_note = now
+                    missing = sorted(set(range(self.expected)) - set(self.registered))
+                    self.log.info("waiting for client(s) %s to subscribe (%d/%d; they come once the server has "
+                                  "all of them; giving up after %.0f s without one, --register-timeout-s)",
+                                  ", ".join(map(str, missing)), joined, self.expected, net.register_timeout_s)
+                if joined < self.expected and now - last_join > net.register_timeout_s:
+                    missing = sorted(set(range(self.expected)) - set(self.registered))
+                    raise WorkerError(f"client(s) {', '.join(map(str, missing))} did not subscribe within "
+                                      f"{net.register_timeout_s:.0f} s (--register-timeout-s; {joined}/{self.expected}"
+                                      f" subscribed): start them with the same --run-id and --aggregator-* addresses")
                 self.check_stragglers(now)
                 if now >= next_beat:
                     # fast beats while subscribers are still joining

@@ -203,6 +203,11 @@ class Peer:
     prefix: str = ""
     chan: Channel | None = None
     last_heard: float = field(default_factory=time.monotonic)
+    address: str = ""  # where it is reached, for messages
+
+    @property
+    def where(self) -> str:
+        return f"the {self.name} at {self.address}" if self.address else f"the {self.name}"
 
     def channel(self) -> Channel:
         if self.chan is None:
@@ -221,19 +226,37 @@ class Peer:
             self.chan = None
 
 
+def describe(msg: Message) -> str:
+    """What a request asks for, in the user's words (for waiting notes and errors)."""
+    r = msg.round
+    return {MsgType.HELLO: "the registration", MsgType.FORWARD: f"the gradients of round {r}",
+            MsgType.UPLOAD: f"the adapter upload of round {r}", MsgType.FETCH: f"the global adapters of round {r}"
+            if r >= 0 else "the latest global adapters", MsgType.BYE: "the end of the run"}.get(
+        msg.type, f"a {msg.type.value} reply" + (f" of round {r}" if r >= 0 else ""))
+
+
+NOTE_EVERY_S = 10.0  # how often a waiting process says what it waits for
+
+
 def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop: threading.Event,
             log: logging.Logger, float_dtype: str | None = None, what: str = "",
             on_other: Callable[[Message], None] | None = None,
-            retry_errors: frozenset = frozenset({ErrorCode.NOT_READY})) -> Message:
+            retry_errors: frozenset = frozenset({ErrorCode.NOT_READY}), patience_s: float | None = None,
+            patience_flag: str = "--register-timeout-s") -> Message:
     """Send ``msg`` and wait for a matching reply (same round and seq) of an expected type.
 
     While waiting it sends HEARTBEATs; any message from the peer counts as a sign of
     life. After ``request_timeout_s`` of silence the socket is rebuilt and the request
     sent again, up to ``retries`` times. An ERROR reply raises :class:`WireError`, except
-    the retryable ones (NOT_READY), which are asked again after a pause.
+    the retryable ones (NOT_READY), which are asked again after a pause. With
+    ``patience_s`` the whole wait (answers included) ends after that long with a
+    :class:`WorkerError` naming ``patience_flag``. Every ``NOTE_EVERY_S`` of waiting it
+    logs what it waits for.
     """
-    what = what or f"{msg.type.value} round {msg.round}"
+    what = what or describe(msg)
     tries = 0
+    started = next_note = time.monotonic()
+    next_note += NOTE_EVERY_S
     while True:
         chan = peer.channel()
         chan.send(msg, float_dtype=float_dtype)
@@ -241,7 +264,7 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
         next_beat = sent_at + min(cfg.net.heartbeat_s, 1.0)
         while True:
             if stop.is_set():
-                raise WorkerError(f"stopped while waiting for {peer.name} ({what})")
+                raise WorkerError(f"stopped while waiting for {peer.where} ({what})")
             if chan.sock.poll(100):
                 inbound = chan.recv()
                 peer.last_heard = time.monotonic()
@@ -275,6 +298,16 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
                 peer.meter.count("unexpected_replies")
                 continue
             now = time.monotonic()
+            if now >= next_note:
+                next_note = now + NOTE_EVERY_S
+                heard = now - peer.last_heard
+                log.info("waiting for %s (%s) for %.0f s%s%s", peer.where, what, now - started,
+                         f"; no sign of it for {heard:.0f} s: is it running?" if heard > 2 * cfg.net.heartbeat_s
+                         else "; it is up", f" (giving up after {patience_s:.0f} s, {patience_flag})"
+                         if patience_s else "")
+            if patience_s is not None and now - started > patience_s:
+                raise WorkerError(f"{peer.where} did not answer {what} within {patience_s:.0f} s ({patience_flag}): "
+                                  "is it running, with the same --run-id and addresses?")
             if now >= next_beat:
                 session = {"session": msg.meta["session"]} if "session" in msg.meta else {}
                 chan.send(Message(MsgType.HEARTBEAT, msg.role, msg.sender, msg.run_id, msg.round, msg.seq, session))
@@ -282,9 +315,9 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
             if now - peer.last_heard > cfg.net.request_timeout_s:
                 tries += 1
                 if tries > cfg.net.retries:
-                    raise WorkerError(f"{peer.name} did not answer {what} after {tries} tries of "
+                    raise WorkerError(f"{peer.where} did not answer {what} after {tries} tries of "
                                       f"{cfg.net.request_timeout_s:.0f}s: is it running and reachable?")
-                log.warning("no answer from %s for %s in %.0fs: reconnecting (try %d/%d)", peer.name, what,
+                log.warning("no answer from %s for %s in %.0fs: reconnecting (try %d/%d)", peer.where, what,
                             cfg.net.request_timeout_s, tries, cfg.net.retries)
                 peer.reset()
                 break
