@@ -103,7 +103,16 @@ def _train_inprocess(cfg: Config, existing: str = "new") -> None:
 
 
 def main() -> None:
-    app()
+    from lesft.cli_options import path_error
+
+    try:
+        app()
+    except OSError as e:  # the last boundary: a path of any command, in one line
+        line = path_error(e)
+        if line is None:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
+        raise SystemExit(1) from None
 
 
 from lesft import commands  # noqa: E402,F401  (registers the remaining commands on ``app``)

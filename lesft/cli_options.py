@@ -8,6 +8,7 @@ also accepts ``--config FILE`` and one ``--<field-name>`` flag per setting, reso
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import inspect
 import os
@@ -109,6 +110,26 @@ def fail(message: str, code: int = 2) -> typing.NoReturn:
     raise typer.Exit(code)
 
 
+def path_error(e: OSError) -> str | None:
+    """One line for an OSError on a file or folder the user named (unwritable --runs-dir, a
+    missing --out parent, a full disk); ``None`` when it is not about a path."""
+    name = e.filename or ""
+    if not name:
+        return None
+    other = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+    why = e.strerror or type(e).__name__
+    hint = {errno.EACCES: "pick a folder you can write (e.g. --runs-dir, --out) or fix its permissions",
+            errno.EPERM: "pick a folder you can write (e.g. --runs-dir, --out) or fix its permissions",
+            errno.EROFS: "the file system is read-only: pick another folder (e.g. --runs-dir, --out)",
+            errno.ENOSPC: "the disk is full: free space or pick another folder",
+            errno.ENOENT: "check the path",
+            errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+            errno.EISDIR: "the path is a folder where a file is expected: check the path",
+            errno.EEXIST: "a file is in the way where a folder is needed: check the path"}.get(
+        e.errno, "check the path and its permissions")
+    return f"{why}: {name}{other}: {hint}."
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from lesft.data import DataError
     from lesft.lora import AdapterError
@@ -142,6 +163,11 @@ def config_command(func: Callable | None = None, *, only: Sequence[str] | None =
             return func(cfg=cfg, **kwargs)
         except user_errors() as e:
             fail(str(e))
+        except OSError as e:
+            line = path_error(e)
+            if line is None:
+                raise
+            fail(line, code=1)
 
     wrapper.__signature__ = inspect.Signature(
         [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra)  # type: ignore[attr-defined]
@@ -158,6 +184,11 @@ def guarded(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except user_errors() as e:
             fail(str(e))
+        except OSError as e:
+            line = path_error(e)
+            if line is None:
+                raise
+            fail(line, code=1)
 
     return wrapper
 

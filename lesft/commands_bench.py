@@ -26,7 +26,9 @@ app.add_typer(bench_app, name="bench")
 def _out_dir(out: Optional[str], name: str, cfg: Config) -> Path:
     from bench.common import default_out_dir
 
-    return Path(out) if out else default_out_dir(name, cfg.run.runs_dir)
+    path = Path(out) if out else default_out_dir(name, cfg.run.runs_dir)
+    path.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the measurements
+    return path
 
 
 def _print_targets(targets: list[dict]) -> None:

@@ -73,6 +73,7 @@ def distill(teacher: str = typer.Option(..., "--teacher", help="teacher model: a
     d = cfg.data
     examples = load_examples(d.dataset, "train", data_dir=d.data_dir or None, n=pool or None, seed=d.data_seed)
     path = Path(out) if out else Path(cfg.run.runs_dir) / f"teacher-{d.dataset}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the teacher ran
     with console.status(f"{source.label} answering {d.dataset} training questions ...") as status:
         kept, tried = distill_chains(model, tok, examples, n, max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
                                      on_chunk=lambda k, t: status.update(f"kept {k}/{n} correct chains of {t} tried"))

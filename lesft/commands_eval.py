@@ -91,6 +91,7 @@ def eval_command(
     path = Path(out) if out else default_output(adapter, cfg.data.dataset, split, cfg.run.runs_dir)
     if path.suffix != ".jsonl":
         fail(f"--out {path} should end in .jsonl (the summary goes beside it as .json).")
+    path.parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the evaluation
     start = time.perf_counter()
     model = load_for_eval(source, adapter, device=device, dtype=dtype_of(cfg.model.dtype))
     tokenizer = source.load_tokenizer()

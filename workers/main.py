@@ -12,7 +12,7 @@ import sys
 import typer
 import zmq
 
-from lesft.cli_options import config_command, fail
+from lesft.cli_options import config_command, fail, path_error
 from lesft.config import Config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,8 +47,7 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
     except RunDirError as e:
         fail(f"{role}: {e}")
     except OSError as e:
-        fail(f"{role}: cannot create the run folder in --runs-dir {cfg.run.runs_dir} "
-             f"({e.strerror or e}): pick a writable --runs-dir.")
+        fail(f"{role}: cannot create the run folder in --runs-dir {cfg.run.runs_dir}: {path_error(e) or e}", code=1)
     try:
         if role == "broker":
             from broker.proxy import Broker
@@ -70,7 +69,9 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
             code = Client(cfg, worker_id).run()
     except (WorkerError, WireError) as e:
         fail(f"{role}: {security.refusal() or e}", code=1)
-    except (OSError, zmq.ZMQError) as e:  # e.g. an address already in use
+    except OSError as e:
+        fail(f"{role}: {path_error(e) or e}", code=1)
+    except zmq.ZMQError as e:  # e.g. an address already in use
         fail(f"{role}: {e} (check the --broker-*/--aggregator-* addresses)", code=1)
     if security.refusal():  # a peer refused our CurveZMQ key: the loop stopped, but this is a failure
         fail(f"{role}: {security.refusal()}", code=1)
