@@ -121,6 +121,18 @@ def client_shards(cfg: Config) -> list[list[Example]]:
                      seed=d.data_seed)
 
 
+def preflight(cfg: Config) -> None:
+    """What every party would refuse at start, checked once in this process before a
+    launcher starts them (one clear line instead of a worker's log): the model, its
+    tokenizer, the data and its targets."""
+    from lesft.batching import encode_all
+
+    source = source_for(cfg)
+    tok = source.load_tokenizer()
+    for shard in client_shards(cfg):
+        encode_all(tok, shard, cfg.data.max_length)
+
+
 def party_layout(method: Method, cfg: Config, shards: list[list[Example]]) -> tuple[list[list[Example]], int]:
     """Centralized SFT is one party over all data with the clients' combined batch size."""
     if method.centralized:
@@ -207,10 +219,10 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
     if existing == "resume":
         raise RunDirError("the in-process trainer cannot resume a run: run the pipeline (lesft train without "
                           "--inprocess) to resume, or start again with --overwrite.")
-    run_dir = make_run_dir(cfg, existing)
     source = source or source_for(cfg)
     tok = source.load_tokenizer()
     shards, batch_size = party_layout(method, cfg, client_shards(cfg))
+    run_dir = make_run_dir(cfg, existing)
     cfg.save(run_dir / "config.json")
     meter = Meter("trainer", 0)
     clients = [ClientParty(cfg, source, method, i, shard, tok, batch_size=batch_size, meter=meter)

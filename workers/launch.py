@@ -267,6 +267,9 @@ def run_pipeline_cli(cfg: Config, console, existing: str = "new") -> LaunchResul
             progress.update(progress_records(run_dir))
 
         try:
+            from lesft.trainer import preflight
+
+            preflight(cfg)
             result = launch(cfg, on_poll=on_poll, existing=existing)
         except LaunchError as e:
             fail(str(e), code=1)
