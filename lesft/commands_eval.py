@@ -14,7 +14,7 @@ from rich.table import Table
 
 from lesft.cli import app, console
 from lesft.cli_options import config_command, fail
-from lesft.config import Config
+from lesft.config import Config, ModelConfig
 
 DEFAULT_BATCH = 16
 
@@ -42,6 +42,28 @@ def _own_batch_size(command: Callable) -> Callable:
     wrapper.__signature__ = inspect.Signature(params[:at] + [own] + params[at:])  # type: ignore[attr-defined]
     del wrapper.__wrapped__
     return wrapper
+
+
+def adapter_base_model(adapter: str) -> str | None:
+    """The base model an adapter folder was trained on: lesft's own record of the run's local
+    folder (or model name), else PEFT's ``base_model_name_or_path`` when it is a folder here."""
+    import json
+
+    folder = Path(adapter).expanduser()
+    try:
+        meta = json.loads((folder / "lesft.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    base = meta.get("base_folder")
+    if isinstance(base, str) and Path(base).is_dir():
+        return base
+    if isinstance(meta.get("model"), str):
+        return meta["model"]
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+    return base if isinstance(base, str) and Path(base).is_dir() else None
 
 
 def default_output(adapter: str | None, dataset: str, split: str, runs_dir: str) -> Path:
@@ -84,6 +106,12 @@ def eval_command(
         fail(f"--batch-size {gen_batch_size} is not valid: it must be >= 1.")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if adapter and cfg.model.model == ModelConfig().model:  # --model not given: the adapter's own base
+        base = adapter_base_model(adapter)
+        if base and base != cfg.model.model:
+            cfg = cfg.replace(model=base)
+            console.print(f"model from the adapter's metadata: {base} (pass --model to choose another)",
+                          highlight=False)
     examples = load_examples(cfg.data.dataset, split, n=limit, seed=cfg.data.data_seed,
                              data_dir=cfg.data.data_dir or None)
     device = resolve_device(cfg.train.device)

@@ -151,7 +151,16 @@ def client_file(client_id: int) -> str:
 def adapter_meta(cfg: Config, source: ModelSource, method: Method) -> dict:
     k = split_point(source.n_layers, cfg.model.split_ratio) if method.split else 0
     return {"method": method.name, "model": source.spec, "random_weights": source.random_weights,
-            "split_ratio": cfg.model.split_ratio, "k": k, "n_layers": source.n_layers}
+            "split_ratio": cfg.model.split_ratio, "k": k, "n_layers": source.n_layers,
+            "base_folder": base_model_path(source)}
+
+
+def base_model_path(source: ModelSource) -> str:
+    """What a PEFT adapter names as its base: the absolute local folder the run loaded (for
+    the embedded model, the dequantised cache folder of ``lesft prepare``), which
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads offline; a random-weight
+    preset has no folder and keeps its ``arch:`` name."""
+    return str(Path(source.folder).resolve()) if source.folder is not None else source.spec
 
 
 def combine_run(run_dir: Path, cfg: Config, source: ModelSource, method: Method) -> list[Path]:
@@ -178,12 +187,14 @@ def combine_run(run_dir: Path, cfg: Config, source: ModelSource, method: Method)
     ids = sorted(clients)
     written = []
     first = clients[ids[0]] if ids else {}
-    written.append(lora.save_peft_adapter({**first, **server}, cfg.lora, run_dir / "adapter", base_model=source.spec,
+    written.append(lora.save_peft_adapter({**first, **server}, cfg.lora, run_dir / "adapter",
+                                          base_model=base_model_path(source),
                                           extra=meta, n_layers=source.n_layers))
     if len(ids) > 1:
         for cid in ids:
             written.append(lora.save_peft_adapter({**clients[cid], **server}, cfg.lora, run_dir / f"adapter-client{cid}",
-                                                  base_model=source.spec, extra=meta, n_layers=source.n_layers))
+                                                  base_model=base_model_path(source), extra=meta,
+                                                  n_layers=source.n_layers))
     return written
 
 
