@@ -134,9 +134,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lesft.data import DataError
     from lesft.lora import AdapterError
     from lesft.models import ModelError
+    from lesft.checkpoint import CheckpointError
     from lesft.trainer import RunDirError
 
-    return (ConfigError, DataError, ModelError, AdapterError, RunDirError)
+    return (ConfigError, DataError, ModelError, AdapterError, RunDirError, CheckpointError)
 
 
 def config_command(func: Callable | None = None, *, only: Sequence[str] | None = None) -> Callable:

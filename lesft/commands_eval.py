@@ -106,6 +106,8 @@ def eval_command(
         fail(f"--batch-size {gen_batch_size} is not valid: it must be >= 1.")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if adapter and (Path(adapter) / "adapter").is_dir() and not (Path(adapter) / "adapter_config.json").is_file():
+        fail(f"{adapter} is a run folder: pass --adapter {Path(adapter) / 'adapter'}.")
     if adapter and cfg.model.model == ModelConfig().model:  # --model not given: the adapter's own base
         base = adapter_base_model(adapter)
         if base and base != cfg.model.model:

@@ -81,8 +81,9 @@ def export(run: Path = typer.Option(..., "--run", help="finished run folder"),
     cfg = _run_config(run)
     if not (run / adapter).is_dir():
         fail(f"{run / adapter} not found: the run has not finished, or pick --adapter adapter-client<i>.")
-    if merge.exists() and any(merge.iterdir()):
-        fail(f"{merge} exists and is not empty: choose a new folder.")
+    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+        fail(f"{merge} exists and is not an empty folder: choose a new folder.")
+    merge.mkdir(parents=True, exist_ok=True)  # an unwritable --merge fails now, not after merging
     source = source_for(cfg)
     model = merged_model(source, run / adapter)
     model.save_pretrained(merge)

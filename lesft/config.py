@@ -200,6 +200,11 @@ class RunConfig:
     run_id: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
     runs_dir: str = field(default="runs", metadata={"help": "folder of run outputs"})
 
+    def __post_init__(self) -> None:
+        if self.run_id in (".", "..") or any(c in self.run_id for c in "/\\") or self.run_id.startswith("."):
+            raise ConfigError(f"run_id={self.run_id!r} is not valid: a run id names one folder under --runs-dir "
+                              "(letters, digits, - and _; no / and no leading dot).")
+
 
 @dataclass
 class Config:

@@ -118,9 +118,15 @@ class FolderWeights(WeightSource):
         files = sorted(folder.glob("*.safetensors"))
         if files:
             for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self._where[k] = f
+                try:
+                    with safe_open(str(f), framework="pt") as h:
+                        for k in h.keys():
+                            self._where[k] = f
+                except OSError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - safetensors' own error type for a bad header
+                    raise ModelError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+                                     "the model folder is damaged; copy or save it again.") from None
         else:
             bins = sorted(folder.glob("pytorch_model*.bin"))
             if not bins:

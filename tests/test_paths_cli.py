@@ -65,3 +65,20 @@ def test_path_errors_are_one_line_in_process(tmp_path):
     res = CliRunner().invoke(app, ["eval", "--model", "arch:tiny-qwen2", "--limit", "1", "--out",
                                    str(a_file / "e.jsonl")])
     assert res.exit_code == 1 and "a file is in the way" in res.output and len(res.output.splitlines()) == 1, res.output
+
+
+def test_run_id_cannot_leave_the_runs_dir():
+    from lesft.config import ConfigError, build_config
+
+    for bad in ("../x", "a/b", ".", ".hidden"):
+        with pytest.raises(ConfigError, match="a run id names one folder"):
+            build_config(cli={"run_id": bad}, env={})
+
+
+def test_damaged_adapter_file_is_one_line(tmp_path):
+    from lesft.lora import AdapterError, load_adapters
+
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(AdapterError, match="is not a readable safetensors file"):
+        load_adapters(bad)
