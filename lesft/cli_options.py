@@ -7,6 +7,7 @@ also accepts ``--config FILE`` and one ``--<field-name>`` flag per setting, reso
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -140,6 +141,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelError, AdapterError, RunDirError, CheckpointError)
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """The error boundary of a command: a user error or an OSError on a path becomes one red
+    line (exit 2 or 1); anything else stays a traceback (it is a bug)."""
+    try:
+        yield
+    except user_errors() as e:
+        fail(str(e))
+    except OSError as e:
+        line = path_error(e)
+        if line is None:
+            raise
+        fail(line, code=1)
+
+
 def config_command(func: Callable | None = None, *, only: Sequence[str] | None = None) -> Callable:
     """Give ``func(..., cfg: Config)`` every setting as a flag (see module docstring).
 
@@ -160,15 +176,8 @@ def config_command(func: Callable | None = None, *, only: Sequence[str] | None =
             cfg = build_config(toml=toml, cli=settings)
         except ConfigError as e:
             fail(str(e))
-        try:
+        with one_line_errors():
             return func(cfg=cfg, **kwargs)
-        except user_errors() as e:
-            fail(str(e))
-        except OSError as e:
-            line = path_error(e)
-            if line is None:
-                raise
-            fail(line, code=1)
 
     wrapper.__signature__ = inspect.Signature(
         [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra)  # type: ignore[attr-defined]
@@ -181,15 +190,8 @@ def guarded(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        try:
+        with one_line_errors():
             return func(*args, **kwargs)
-        except user_errors() as e:
-            fail(str(e))
-        except OSError as e:
-            line = path_error(e)
-            if line is None:
-                raise
-            fail(line, code=1)
 
     return wrapper
 

@@ -121,18 +121,24 @@ def _kill_mid_run(tmp_path, sig) -> tuple[subprocess.Popen, list[int], str]:
     workers = _children(proc.pid)
     assert len(workers) == 3  # broker, server, client
     proc.send_signal(sig)
+    left = _survivors(workers, time.monotonic() + 10)  # none may outlive the signal by 10 s
+    for p in left:
+        os.kill(p, signal.SIGKILL)
     out = proc.communicate(timeout=60)[0]
+    assert not left, f"workers {left} survived {sig.name} of the launcher; its output:\n{out}"
     return proc, workers, out
+
+
+def _survivors(pids: list[int], deadline: float) -> list[int]:
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_of_lesft_train_stops_every_worker_and_marks_the_run_incomplete(tmp_path):
-    proc, workers, out = _kill_mid_run(tmp_path, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in workers if _alive(p)], "workers survived the launcher"
+    proc, _, out = _kill_mid_run(tmp_path, signal.SIGTERM)
     assert proc.returncode == 130 and "interrupted at round" in out and "of 400; partial run in runs/k" in out, out
     assert "Traceback" not in out
     marker = json.loads((tmp_path / "runs" / "k" / INTERRUPTED_FILE).read_text())
@@ -144,11 +150,5 @@ def test_sigterm_of_lesft_train_stops_every_worker_and_marks_the_run_incomplete(
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_of_lesft_train_stops_every_worker(tmp_path):
-    _, workers, _ = _kill_mid_run(tmp_path, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [p for p in workers if _alive(p)]
-    for p in left:
-        os.kill(p, signal.SIGKILL)
-    assert not left, "workers survived a SIGKILLed launcher"
+    proc, _, _ = _kill_mid_run(tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
