@@ -96,7 +96,6 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
            if not (k.startswith("LESFT_") and k[6:].lower() in leaf_fields()) and k != "LESFT_CONFIG"}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
-    env["LESFT_PARENT_PID"] = str(os.getpid())  # a worker stops when the launcher dies (even by SIGKILL)
     env.update(extra or {})
     return env
 
@@ -106,6 +105,7 @@ def start(cfg_path: Path, role: str, worker_id: int, log_dir: Path, env: dict, e
     cmd = [sys.executable, "-m", "workers.main", "--role", role, "--id", str(worker_id), "--config", str(cfg_path),
            *extra_args]
     fh = open(log_path, "ab")
+    env = dict(env, LESFT_PARENT_PID=str(os.getpid()))  # it stops when this process dies (even by SIGKILL)
     popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     fh.close()
     return Proc(role, worker_id, popen, log_path)

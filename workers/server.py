@@ -143,7 +143,7 @@ class Server(Worker):
 
     def _note_waiting(self, waited: float = 0.0) -> None:
         missing = sorted(set(range(self.expected)) - set(self.clients))
-        self.log.info("waiting for client(s) %s to register (%d/%d registered, %.0f s; giving up after %.0f s, "
+        self.log.info("waiting for client(s) %s (%d/%d registered, for %.0f s; giving up after %.0f s, "
                       "--register-timeout-s)", ", ".join(map(str, missing)), len(self.clients), self.expected, waited,
                       self.cfg.net.register_timeout_s)
 
