@@ -35,7 +35,7 @@ def test_server_client_and_aggregator_give_up_after_the_register_timeout(tmp_pat
         assert "(--register-timeout-s" in out and "Traceback" not in out, (role, out)
         assert "round -1" not in out and "hello" not in out.lower(), (role, out)
     assert "client(s) 0, 1 did not register within 12 s" in outs["server"]
-    assert "waiting for client(s) 0, 1 (0/2 registered" in outs["server"]  # said while it waited
+    assert "waiting for client(s) 0, 1 (0/2 registered) for" in outs["server"]  # said while it waited
     assert "waiting for the server at" in outs["client"] and "(the registration)" in outs["client"]
     assert "did not answer the registration within 12 s" in outs["client"]
     assert "did not subscribe within 12 s" in outs["aggregator"]

@@ -143,8 +143,8 @@ class Server(Worker):
 
     def _note_waiting(self, waited: float = 0.0) -> None:
         missing = sorted(set(range(self.expected)) - set(self.clients))
-        self.log.info("waiting for client(s) %s (%d/%d registered, for %.0f s; giving up after %.0f s, "
-                      "--register-timeout-s)", ", ".join(map(str, missing)), len(self.clients), self.expected, waited,
+        self.log.info("waiting for client(s) %s (%d/%d registered) for %.0f s; giving up after %.0f s "
+                      "(--register-timeout-s)", ", ".join(map(str, missing)), len(self.clients), self.expected, waited,
                       self.cfg.net.register_timeout_s)
 
     def reply(self, inbound: Inbound, msg: Message, float_dtype: str | None = None) -> None:
