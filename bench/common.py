@@ -252,13 +252,19 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[ColumnSp
 
 def rich_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[ColumnSpec] | None = None,
                title: str | None = None):
-    """A :class:`rich.table.Table` of ``rows`` with the same columns as the markdown."""
-    from rich.table import Table
+    """A :class:`rich.table.Table` of ``rows`` with the same columns as the markdown.
+
+    Every text is escaped (a label such as ``LESFT [bf16]`` is text, not rich markup) and
+    headers wrap instead of being cut to ``client<->s…``.
+    """
+    from rich.markup import escape
+    from rich.table import Column as RichColumn, Table
 
     cols = _columns(rows, columns)
-    table = Table(*[c.title for c in cols], title=title)
+    table = Table(*[RichColumn(escape(c.title), overflow="fold") for c in cols],
+                  title=escape(title) if title else None)
     for r in rows:
-        table.add_row(*[c.render(r) for c in cols])
+        table.add_row(*[escape(c.render(r)) for c in cols])
     return table
 
 

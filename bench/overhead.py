@@ -156,8 +156,9 @@ def targets(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def plot(rows: Sequence[dict], path: Path) -> Path:
-    """Bar charts of memory, communication and latency per method and party."""
+def plot(rows: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Bar charts of memory, communication and latency per method and party; ``title``
+    names the model and the setting (the legend sits below the bars, never over one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +166,7 @@ def plot(rows: Sequence[dict], path: Path) -> Path:
 
     labels = [r["row"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (title, keys) in zip(axes, (("peak memory (MB)", ("mem_client_mb", "mem_server_mb")),
+    for ax, (panel, keys) in zip(axes, (("peak memory (MB)", ("mem_client_mb", "mem_server_mb")),
                                         ("communication per epoch (MB)", ("comm_client_mb", "comm_server_mb")),
                                         ("compute per epoch (s)", ("lat_client_s", "lat_server_s")))):
         width = 0.4
@@ -174,9 +175,12 @@ def plot(rows: Sequence[dict], path: Path) -> Path:
             ax.bar([i + (j - 0.5) * width for i in range(len(rows))], vals, width, label=party)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
+        ax.set_title(panel)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lesft.data import Example
+from lesft.data import DataError, Example
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,27 @@ def encode(tok, ex: Example, max_length: int) -> Encoded:
 
 
 def encode_all(tok, examples: Sequence[Example], max_length: int) -> list[Encoded]:
-    return [encode(tok, ex, max_length) for ex in examples]
+    """Every example encoded; raises :class:`lesft.data.DataError` when the targets come out
+    (almost) empty, which would train on nothing and still report a loss."""
+    out = [encode(tok, ex, max_length) for ex in examples]
+    check_targets(out, tok)
+    return out
+
+
+def check_targets(items: Sequence[Encoded], tok) -> None:
+    """Refuse data whose targets hold (almost) no real tokens: fewer than one per example
+    besides the end-of-text, or mostly the tokenizer's unknown token."""
+    if not items:
+        return
+    eos, unk = tok.eos_token_id, getattr(tok, "unk_token_id", None)
+    real = [t for it in items for t in it.target if t != eos]
+    if len(real) < len(items):
+        raise DataError(f"the examples' targets tokenize to {len(real)} token(s) in all ({len(items)} examples): "
+                        "the tokenizer does not fit the data (or --max-length leaves no room for the answer); "
+                        "use the model's own tokenizer or raise --max-length.")
+    if unk is not None and unk != eos and sum(t == unk for t in real) > len(real) / 2:
+        raise DataError("most target tokens are the tokenizer's unknown token: the tokenizer does not fit the data; "
+                        "use the model's own tokenizer.")
 
 
 @dataclass

@@ -37,7 +37,7 @@ def show_config(as_json: bool = typer.Option(False, "--json", help="print JSON")
 
 
 @app.command()
-@config_command
+@config_command(only=("model", "cache_dir"))
 def prepare(*, cfg: Config) -> None:
     """Make the model ready offline (dequantise the embedded GGUF once into the cache)."""
     from lesft.models import resolve
@@ -50,40 +50,72 @@ def prepare(*, cfg: Config) -> None:
 @app.command()
 @config_command
 def train(inprocess: bool = typer.Option(False, "--inprocess", help="run all parties in this process (reference trainer)"),
+          resume: bool = typer.Option(False, "--resume", help="continue the run in --run-id's folder (pipeline only)"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="delete the run already in --run-id's folder first"),
           *, cfg: Config) -> None:
     """Fine-tune: the in-process trainer, or the multi-process pipeline over ZeroMQ (default)."""
-    from lesft.trainer import check_local_data
+    import time
+
+    from lesft.trainer import RunInterrupted, check_local_data
 
     for own in check_local_data(cfg):  # every client's own file (--client-data), before any party starts
         console.print(f"own data {own.describe()}", highlight=False)
-    if inprocess:
-        _train_inprocess(cfg)
-    else:
-        from workers.launch import run_pipeline_cli
 
-        run_pipeline_cli(cfg, console)
+    if resume and overwrite:
+        fail("--resume and --overwrite contradict each other: pick one.")
+    if resume and not cfg.run.run_id:
+        fail("--resume needs the --run-id of the run to continue.")
+    existing = "resume" if resume else "overwrite" if overwrite else "new"
+    if not cfg.run.run_id:  # name the folder now, so an interrupted run can say where it is
+        cfg = cfg.replace(run_id=time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        if inprocess:
+            _train_inprocess(cfg, existing)
+        else:
+            from workers.launch import run_pipeline_cli
+
+            run_pipeline_cli(cfg, console, existing=existing)
+    except RunInterrupted as e:
+        again = f"lesft train --run-id {cfg.run.run_id} --resume" if not inprocess else \
+            f"lesft train --inprocess --run-id {cfg.run.run_id} --overwrite"
+        fail(f"{e}: marked incomplete; run `{again}` to {'continue' if not inprocess else 'start it again'}.",
+             code=130)
 
 
-def _train_inprocess(cfg: Config) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _train_inprocess(cfg: Config, existing: str = "new") -> None:
+    from lesft.report import RoundProgress, print_run_summary
+    from lesft.trainer import RunInterrupted, mark_run, train_inprocess
+    from workers.launch import interrupt_on_signals
 
-    from lesft.report import print_run_summary
-    from lesft.trainer import train_inprocess
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console) as progress:
-        task = progress.add_task(f"{cfg.train.method} in-process", total=None, loss="-")
-
+    history: list[dict] = []
+    with RoundProgress(console, f"{cfg.train.method} in-process") as progress:
         def on_round(rec: dict, rounds: int) -> None:
-            progress.update(task, total=rounds, completed=rec["round"] + 1, loss=f"{rec['loss']:.4f}")
+            history.append(rec)
+            progress.update(history)
 
-        result = train_inprocess(cfg, on_round=on_round)
+        try:
+            with interrupt_on_signals():
+                result = train_inprocess(cfg, on_round=on_round, existing=existing)
+        except KeyboardInterrupt:
+            run_dir = Path(cfg.run.runs_dir) / cfg.run.run_id
+            rounds = history[-1]["rounds"] if history else None
+            if run_dir.is_dir():
+                mark_run(run_dir, complete=False, round=len(history), rounds=rounds)
+            raise RunInterrupted(run_dir, len(history), rounds) from None
     print_run_summary(result.run_dir, console)
 
 
 def main() -> None:
-    app()
+    from lesft.cli_options import path_error
+
+    try:
+        app()
+    except OSError as e:  # the last boundary: a path of any command, in one line
+        line = path_error(e)
+        if line is None:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
+        raise SystemExit(1) from None
 
 
 from lesft import commands  # noqa: E402,F401  (registers the remaining commands on ``app``)

@@ -7,25 +7,82 @@ also accepts ``--config FILE`` and one ``--<field-name>`` flag per setting, reso
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import inspect
 import os
+import types
 import typing
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import typer
+import typer.core
+from rich.markup import escape
 
 from lesft.config import Config, ConfigError, build_config, leaf_fields
 
 
-def _options() -> list[inspect.Parameter]:
+_TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: "BOOLEAN"}
+
+
+def type_name(hint: typing.Any) -> str:
+    """The help screen's name of a config field's type (``float | None`` -> ``FLOAT``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return "TEXT,..."
+    return _TYPE_NAMES.get(hint, "TEXT")
+
+
+def _display_type(self, ctx) -> Optional[str]:  # noqa: ARG001
+    """Click's type names in every help screen (``INTEGER``, ``FLOAT``, ``TEXT``), none for a flag.
+
+    typer 0.29 shows ``<str>``/``<int>`` and ``<bool>`` even for ``--help``; this one
+    function replaces its rendering for every option of ``lesft`` and ``lesft-worker``.
+    """
+    if self.metavar is not None:
+        return self.metavar or None
+    if getattr(self, "is_flag", False):
+        return None
+    try:
+        bare = self.bare_type()
+    except (AttributeError, TypeError, AssertionError):
+        return None
+    name = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "bool": "BOOLEAN", "Path": "PATH"}.get(bare, bare.upper())
+    return name + ("..." if getattr(self, "nargs", 1) not in (1, 0) else "")
+
+
+if hasattr(typer.core, "TyperOption") and hasattr(typer.core.TyperOption, "display_type_rich"):
+    typer.core.TyperOption.display_type_rich = _display_type  # type: ignore[method-assign]
+
+
+def _selected(only: Sequence[str] | None) -> list[str]:
+    """Leaf names of ``only`` (group names expand to their fields); every field when None."""
+    leaves = leaf_fields()
+    if only is None:
+        return list(leaves)
+    names: list[str] = []
+    for item in only:
+        group_fields = [] if item in leaves else [n for n, (g, _) in leaves.items() if g == item]
+        if not group_fields and item not in leaves:
+            raise KeyError(f"config_command(only=...): {item!r} is neither a group nor a setting")
+        names += [n for n in (group_fields or [item]) if n not in names]
+    return [n for n in leaves if n in names]
+
+
+def _options(only: Sequence[str] | None = None) -> list[inspect.Parameter]:
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                                 default=typer.Option(None, "--config", help="TOML file of settings (or $LESFT_CONFIG)",
-                                                     rich_help_panel="Settings"))]
-    for name, (group, f) in leaf_fields().items():
+                                                     rich_help_panel="Settings", metavar="FILE"))]
+    leaves = leaf_fields()
+    for name in _selected(only):
+        group, f = leaves[name]
         flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} [default: {_default_text(f)}]"
+        # rich markup would swallow "[default: ...]" (and any bracket of the help text): escape it
+        default = _default_text(f)
+        help_text = escape(f.metadata.get("help", "") + (f" [default: {default}]" if default not in ("", "None") else ""))
         panel = f"Settings: {group}"
         hint = typing.get_type_hints(type(getattr(Config(), group)))[name]
         if hint is bool:
@@ -33,7 +90,9 @@ def _options() -> list[inspect.Parameter]:
                                show_default=False)
             annotation = Optional[bool]
         else:
-            opt = typer.Option(None, flag, help=help_text, rich_help_panel=panel, show_default=False)
+            # parsed by lesft.config (it reads "1/4", "none"), so the value stays a string here
+            opt = typer.Option(None, flag, help=help_text, rich_help_panel=panel, show_default=False,
+                               metavar=type_name(hint))
             annotation = Optional[str]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation))
     return params
@@ -52,18 +111,61 @@ def fail(message: str, code: int = 2) -> typing.NoReturn:
     raise typer.Exit(code)
 
 
+def path_error(e: OSError) -> str | None:
+    """One line for an OSError on a file or folder the user named (unwritable --runs-dir, a
+    missing --out parent, a full disk); ``None`` when it is not about a path."""
+    name = e.filename or ""
+    if not name:
+        return None
+    other = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+    why = e.strerror or type(e).__name__
+    hint = {errno.EACCES: "pick a folder you can write (e.g. --runs-dir, --out) or fix its permissions",
+            errno.EPERM: "pick a folder you can write (e.g. --runs-dir, --out) or fix its permissions",
+            errno.EROFS: "the file system is read-only: pick another folder (e.g. --runs-dir, --out)",
+            errno.ENOSPC: "the disk is full: free space or pick another folder",
+            errno.ENOENT: "check the path",
+            errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+            errno.EISDIR: "the path is a folder where a file is expected: check the path",
+            errno.EEXIST: "a file is in the way where a folder is needed: check the path"}.get(
+        e.errno, "check the path and its permissions")
+    return f"{why}: {name}{other}: {hint}."
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from lesft.data import DataError
     from lesft.lora import AdapterError
     from lesft.models import ModelError
+    from lesft.checkpoint import CheckpointError
+    from lesft.trainer import RunDirError
 
-    return (ConfigError, DataError, ModelError, AdapterError)
+    return (ConfigError, DataError, ModelError, AdapterError, RunDirError, CheckpointError)
 
 
-def config_command(func: Callable) -> Callable:
-    """Give ``func(..., cfg: Config)`` every setting as a flag (see module docstring)."""
+@contextlib.contextmanager
+def one_line_errors():
+    """The error boundary of a command: a user error or an OSError on a path becomes one red
+    line (exit 2 or 1); anything else stays a traceback (it is a bug)."""
+    try:
+        yield
+    except user_errors() as e:
+        fail(str(e))
+    except OSError as e:
+        line = path_error(e)
+        if line is None:
+            raise
+        fail(line, code=1)
+
+
+def config_command(func: Callable | None = None, *, only: Sequence[str] | None = None) -> Callable:
+    """Give ``func(..., cfg: Config)`` every setting as a flag (see module docstring).
+
+    ``@config_command(only=("model", "cache_dir"))`` offers only the settings the command
+    reads (group names or setting names); the others still come from --config and LESFT_*.
+    """
+    if func is None:
+        return functools.partial(config_command, only=only)
     own = [p for p in inspect.signature(func).parameters.values() if p.name != "cfg"]
-    extra = _options()
+    extra = _options(only)
     names = {p.name for p in extra}
 
     @functools.wraps(func)
@@ -74,10 +176,8 @@ def config_command(func: Callable) -> Callable:
             cfg = build_config(toml=toml, cli=settings)
         except ConfigError as e:
             fail(str(e))
-        try:
+        with one_line_errors():
             return func(cfg=cfg, **kwargs)
-        except user_errors() as e:
-            fail(str(e))
 
     wrapper.__signature__ = inspect.Signature(
         [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra)  # type: ignore[attr-defined]
@@ -90,10 +190,8 @@ def guarded(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        try:
+        with one_line_errors():
             return func(*args, **kwargs)
-        except user_errors() as e:
-            fail(str(e))
 
     return wrapper
 

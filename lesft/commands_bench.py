@@ -18,14 +18,17 @@ from lesft.cli_options import config_command, fail
 from lesft.config import Config
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                        help="Micro-benchmarks: wire transport, server microbatching.")
+                        help="The paper's tables and figures on real runs (overhead, accuracy, sweep) and micro-benchmarks "
+                             "(transport, microbatch, pipeline, load).")
 app.add_typer(bench_app, name="bench")
 
 
 def _out_dir(out: Optional[str], name: str, cfg: Config) -> Path:
     from bench.common import default_out_dir
 
-    return Path(out) if out else default_out_dir(name, cfg.run.runs_dir)
+    path = Path(out) if out else default_out_dir(name, cfg.run.runs_dir)
+    path.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the measurements
+    return path
 
 
 def _print_targets(targets: list[dict]) -> None:
@@ -52,16 +55,16 @@ def _threads(cfg: Config) -> None:
 
 
 @bench_app.command("transport")
-@config_command
+@config_command(only=("max_message_mb", "threads", "runs_dir"))
 def transport_command(
     sizes: Optional[str] = typer.Option(None, "--sizes", help="activation shapes BxTxH, comma-separated "
-                                        "[default: 1x128x576,4x128x576,4x512x576,8x512x896,4x1024x2048]"),
+                                        "\\[default: 1x128x576,4x128x576,4x512x576,8x512x896,4x1024x2048]"),
     dtypes: str = typer.Option("fp32,bf16,fp16", "--dtypes", help="wire dtypes to measure"),
     repeat: int = typer.Option(10, "--repeat", help="timing samples per measurement (median reported)"),
     min_time: float = typer.Option(0.05, "--min-time", help="seconds each sample lasts at least (short calls repeat)"),
     echo: str = typer.Option("process", "--echo", help="where the echo ROUTER runs: process (a child, like the "
                                                       "real server) or thread"),
-    out: Optional[str] = typer.Option(None, "--out", help="output folder [default: <runs dir>/bench/transport-<time>]"),
+    out: Optional[str] = typer.Option(None, "--out", help="output folder \\[default: <runs dir>/bench/transport-<time>]"),
     *, cfg: Config) -> None:
     """Codec and loopback DEALER->ROUTER throughput of activations vs a memory copy; bytes on the wire."""
     from bench import transport as tb
@@ -119,7 +122,7 @@ def microbatch_command(
     warmup: int = typer.Option(1, "--warmup", help="untimed rounds per mode before timing"),
     profile: bool = typer.Option(False, "--profile/--no-profile",
                                  help="write torch.profiler tables of the largest N (both modes)"),
-    out: Optional[str] = typer.Option(None, "--out", help="output folder [default: <runs dir>/bench/microbatch-<time>]"),
+    out: Optional[str] = typer.Option(None, "--out", help="output folder \\[default: <runs dir>/bench/microbatch-<time>]"),
     *, cfg: Config) -> None:
     """Server seconds per round: N clients' rows in ONE ServerParty.process call vs N calls."""
     from bench import microbatch as mb

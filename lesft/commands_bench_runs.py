@@ -10,7 +10,7 @@ import typer
 
 from lesft.cli import console
 from lesft.cli_options import config_command, fail
-from lesft.commands_bench import _out_dir, _print_targets, bench_app
+from lesft.commands_bench import _out_dir, _print_table, _print_targets, bench_app
 from lesft.config import Config
 
 _MEM_HELP = "memory: peak RSS per process (CPU), torch.cuda.max_memory_allocated (GPU)"
@@ -32,7 +32,8 @@ def _random_note(cfg: Config) -> list[str]:
 @bench_app.command("overhead")
 @config_command
 def overhead_command(
-    methods: str = typer.Option("centralized,sl,splitlora,splitfrozen,fedavg,lesft", "--methods"),
+    methods: str = typer.Option("centralized,sl,splitlora,splitfrozen,fedavg,lesft", "--methods",
+                                help="methods to run, comma-separated"),
     wire_dtypes: str = typer.Option("fp32,bf16", "--wire-dtypes",
                                     help="wire dtypes for LESFT (baselines use the first); fp32,bf16 gives both rows"),
     warmup: int = typer.Option(2, "--warmup", help="rounds before the measured epoch"),
@@ -74,8 +75,7 @@ def overhead_command(
     info = machine_info()
     title = (f"Table 2 on {source.label}: {cfg.data.clients} clients x {cfg.data.samples_per_client} samples, "
              f"one epoch after {warmup} warm-up rounds ({_MEM_HELP}; N/A = not applicable)")
-    table = rich_table(rows, cols, title=title)
-    console.print(table)
+    _print_table(rich_table(rows, cols, title=title))
     tg = ov.targets(rows)
     _print_targets(tg)
     notes = _random_note(cfg) + [_MEM_HELP, "comm client = all clients' bytes sent+received in the epoch (summed), "
@@ -87,7 +87,8 @@ def overhead_command(
                                               "random_weights": source.random_weights},
                   cols, title=title, notes=notes, machine=info)
     if plot:
-        ov.plot(rows, out_dir / "overhead.png")
+        ov.plot(rows, out_dir / "overhead.png", title=f"lesft bench overhead on {source.label}: {cfg.data.clients} "
+                f"clients x {cfg.data.samples_per_client} samples, one epoch")
     console.print(f"results in {out_dir}")
 
 
@@ -95,9 +96,9 @@ def overhead_command(
 @config_command
 def pipeline_command(
     warmup: int = typer.Option(2, "--warmup", help="rounds before the measured epoch"),
-    timeout: float = typer.Option(3600, "--timeout"),
+    timeout: float = typer.Option(3600, "--timeout", help="seconds allowed per run"),
     client_threads: int = typer.Option(1, "--client-threads", help="torch threads per client process"),
-    out: Optional[str] = typer.Option(None, "--out"),
+    out: Optional[str] = typer.Option(None, "--out", help="output folder"),
     *, cfg: Config) -> None:
     """The multi-process pipeline vs the in-process trainer on the same work (wall time per epoch)."""
     from bench.common import machine_info, rich_table, write_results
@@ -129,12 +130,13 @@ def _grid_progress(total: int):
 @bench_app.command("accuracy")
 @config_command
 def accuracy_command(
-    methods: str = typer.Option("base,centralized,sl,splitlora,splitfrozen,fedavg,lesft", "--methods"),
-    datasets: str = typer.Option("gsm8k,commonsenseqa,aqua_rat", "--datasets"),
+    methods: str = typer.Option("base,centralized,sl,splitlora,splitfrozen,fedavg,lesft", "--methods",
+                                help="methods to train and evaluate, comma-separated (base: no fine-tuning)"),
+    datasets: str = typer.Option("gsm8k,commonsenseqa,aqua_rat", "--datasets", help="datasets, comma-separated"),
     samples: Optional[int] = typer.Option(None, "--samples", help="training examples in all (split over clients)"),
     limit: int = typer.Option(100, "--limit", help="evaluation questions per cell"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-    eval_batch_size: int = typer.Option(8, "--eval-batch-size"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="generation budget per question"),
+    eval_batch_size: int = typer.Option(8, "--eval-batch-size", help="prompts generated together"),
     first_line: bool = typer.Option(False, "--first-line", help="stop answers at their first newline (faster; "
                                                                "training targets are one line)"),
     pipeline: bool = typer.Option(False, "--pipeline", help="train through the worker processes (same result)"),
@@ -180,13 +182,13 @@ def accuracy_command(
 def sweep_command(
     param: str = typer.Option(..., "--param", help="name=v1,v2,...: split_ratio, samples_per_client, clients, "
                                                    "paths, gamma_nonsalient or any setting"),
-    methods: str = typer.Option("lesft,splitlora,sl", "--methods"),
+    methods: str = typer.Option("lesft,splitlora,sl", "--methods", help="methods per value, comma-separated"),
     limit: int = typer.Option(100, "--limit", help="evaluation questions per cell"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-    eval_batch_size: int = typer.Option(8, "--eval-batch-size"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="generation budget per question"),
+    eval_batch_size: int = typer.Option(8, "--eval-batch-size", help="prompts generated together"),
     first_line: bool = typer.Option(False, "--first-line", help="stop answers at their first newline (faster; "
                                                                "training targets are one line)"),
-    pipeline: bool = typer.Option(False, "--pipeline"),
+    pipeline: bool = typer.Option(False, "--pipeline", help="train through the worker processes (same result)"),
     out: Optional[str] = typer.Option(None, "--out", help="output folder (rerun with it to resume)"),
     *, cfg: Config) -> None:
     """Figs. 3-5 and 7, Table 3: accuracy over one setting's values, per method (a resumable grid)."""
@@ -222,10 +224,12 @@ def sweep_command(
 
 
 @bench_app.command("load")
-def load_command(clients: int = typer.Option(32, "--clients"), rounds: int = typer.Option(50, "--rounds"),
+def load_command(clients: int = typer.Option(32, "--clients", help="client processes"),
+                 rounds: int = typer.Option(50, "--rounds", help="rounds of the run"),
                  warmup: int = typer.Option(5, "--warmup", help="round whose server RSS is the baseline"),
-                 runs_dir: str = typer.Option("runs", "--runs-dir"), out: Optional[str] = typer.Option(None, "--out"),
-                 timeout: float = typer.Option(3600, "--timeout")) -> None:
+                 runs_dir: str = typer.Option("runs", "--runs-dir", help="folder of run outputs"),
+                 out: Optional[str] = typer.Option(None, "--out", help="output folder"),
+                 timeout: float = typer.Option(3600, "--timeout", help="seconds allowed for the run")) -> None:
     """Many clients (tiny model) against one server: requests = replies, server memory flat."""
     from bench.load import main as load_main
 

@@ -51,13 +51,13 @@ def distill_chains(teacher, tok, examples, n: int, *, max_new_tokens: int, batch
 
 
 @data_app.command("distill")
-@config_command
+@config_command(only=("cache_dir", "device", "dataset", "data_dir", "data_seed", "runs_dir"))
 def distill(teacher: str = typer.Option(..., "--teacher", help="teacher model: a local HF folder (or smollm2-135m)"),
             n: int = typer.Option(800, "--n", help="correct chains to keep"),
             pool: int = typer.Option(0, "--pool", help="training questions to try at most (0: the whole split)"),
             out: Optional[str] = typer.Option(None, "--out", help="output JSONL (default runs/teacher-<dataset>.jsonl)"),
-            max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-            gen_batch_size: int = typer.Option(8, "--gen-batch-size"),
+            max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="generation budget per question"),
+            gen_batch_size: int = typer.Option(8, "--gen-batch-size", help="prompts generated together"),
             *, cfg: Config) -> None:
     """Write teacher chains of thought that `--teacher-cot FILE` reads (only correctly answered ones)."""
     from lesft.data import load_examples
@@ -73,6 +73,7 @@ def distill(teacher: str = typer.Option(..., "--teacher", help="teacher model: a
     d = cfg.data
     examples = load_examples(d.dataset, "train", data_dir=d.data_dir or None, n=pool or None, seed=d.data_seed)
     path = Path(out) if out else Path(cfg.run.runs_dir) / f"teacher-{d.dataset}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the teacher ran
     with console.status(f"{source.label} answering {d.dataset} training questions ...") as status:
         kept, tried = distill_chains(model, tok, examples, n, max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
                                      on_chunk=lambda k, t: status.update(f"kept {k}/{n} correct chains of {t} tried"))

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from lesft.cli import app, console
 from lesft.cli_options import config_command, fail
-from lesft.config import Config
+from lesft.config import Config, ModelConfig
 
 DEFAULT_BATCH = 16
 
@@ -31,15 +31,39 @@ def _own_batch_size(command: Callable) -> Callable:
                             default=typer.Option(DEFAULT_BATCH, "--batch-size",
                                                  help="prompts generated together (greedy results do not depend on it)"))
 
+    takes_setting = "batch_size" in inspect.signature(command).parameters  # the config flag, when offered
+
     @functools.wraps(command)
     def wrapper(**kwargs):
         gen_batch_size = kwargs.pop("batch_size")
-        return command(gen_batch_size=gen_batch_size, batch_size=None, **kwargs)
+        return command(gen_batch_size=gen_batch_size, **({"batch_size": None} if takes_setting else {}), **kwargs)
 
     at = next((i for i, p in enumerate(params) if p.name == "config"), len(params))
     wrapper.__signature__ = inspect.Signature(params[:at] + [own] + params[at:])  # type: ignore[attr-defined]
     del wrapper.__wrapped__
     return wrapper
+
+
+def adapter_base_model(adapter: str) -> str | None:
+    """The base model an adapter folder was trained on: lesft's own record of the run's local
+    folder (or model name), else PEFT's ``base_model_name_or_path`` when it is a folder here."""
+    import json
+
+    folder = Path(adapter).expanduser()
+    try:
+        meta = json.loads((folder / "lesft.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    base = meta.get("base_folder")
+    if isinstance(base, str) and Path(base).is_dir():
+        return base
+    if isinstance(meta.get("model"), str):
+        return meta["model"]
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+    return base if isinstance(base, str) and Path(base).is_dir() else None
 
 
 def default_output(adapter: str | None, dataset: str, split: str, runs_dir: str) -> Path:
@@ -54,11 +78,13 @@ def default_output(adapter: str | None, dataset: str, split: str, runs_dir: str)
 
 @app.command("eval")
 @_own_batch_size
-@config_command
+@config_command(only=("model", "cache_dir", "dtype", "dataset", "data_dir", "data_seed", "device", "threads", "runs_dir",
+                      "data", "data_fields", "max_length"))
 def eval_command(
     adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder of a run (default: the base model)"),
     split: str = typer.Option("test", "--split", help="dataset split (commonsenseqa test = the labelled dev file)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate a random sample of n questions (seed: --data-seed)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate a random sample of n questions (seed: --data-seed) "
+                                                                 "\\[default: the whole split: hours on CPU for gsm8k]"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest continuation"),
     out: Optional[str] = typer.Option(None, "--out", help="per-question JSONL (default: beside the adapter)"),
     first_line: bool = typer.Option(False, "--first-line", help="stop each answer at its first newline "
@@ -86,6 +112,14 @@ def eval_command(
         fail(f"--batch-size {gen_batch_size} is not valid: it must be >= 1.")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if adapter and (Path(adapter) / "adapter").is_dir() and not (Path(adapter) / "adapter_config.json").is_file():
+        fail(f"{adapter} is a run folder: pass --adapter {Path(adapter) / 'adapter'}.")
+    if adapter and cfg.model.model == ModelConfig().model:  # --model not given: the adapter's own base
+        base = adapter_base_model(adapter)
+        if base and base != cfg.model.model:
+            cfg = cfg.replace(model=base)
+            console.print(f"model from the adapter's metadata: {base} (pass --model to choose another)",
+                          highlight=False)
     device = resolve_device(cfg.train.device)
     source = source_for(cfg)
     scorer, name = None, cfg.data.dataset
@@ -101,6 +135,7 @@ def eval_command(
     path = Path(out) if out else default_output(adapter, name, split, cfg.run.runs_dir)
     if path.suffix != ".jsonl":
         fail(f"--out {path} should end in .jsonl (the summary goes beside it as .json).")
+    path.parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the evaluation
     start = time.perf_counter()
     model = load_for_eval(source, adapter, device=device, dtype=dtype_of(cfg.model.dtype))
     tokenizer = source.load_tokenizer()

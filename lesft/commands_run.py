@@ -30,7 +30,7 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
     from lesft.evaluate import evaluate, load_for_eval, probe_loss
     from lesft.data import load_examples
     from lesft.models import source_for
-    from lesft.report import print_run_summary
+    from lesft.report import EvalProgress, print_run_summary
 
     cfg = _run_config(run)
     extra: list[tuple[str, str]] = []
@@ -50,12 +50,11 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
                                      seed=cfg.data.data_seed)
         results, losses = {}, {}
         for label, adapter in (("before", None), ("after", run / "adapter")):
-            with console.status(f"evaluating {label} fine-tuning on {len(examples)} held-out {name} "
-                                f"questions"):
+            with EvalProgress(console, f"accuracy {label} fine-tuning ({name})") as shown:
                 model = load_for_eval(source, adapter)
                 losses[label] = probe_loss(model, tok, examples, max_length=cfg.data.max_length)
                 results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens, first_line=True,
-                                          scorer=scorer)
+                                          scorer=scorer, progress=shown.update)
         extra.append((f"held-out target NLL (before -> after)", f"{losses['before']:.4f} -> {losses['after']:.4f}"))
         for label, res in results.items():
             extra.append((f"accuracy {label} ({res.n} held-out {name} {split}, first line)",
@@ -63,7 +62,7 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
         for label, res in results.items():
             formatted = sum("the answer is" in r["output"].lower() for r in res.records)
             extra.append((f"answers in the trained format {label}", f"{formatted}/{res.n}"))
-    print_run_summary(run, console, extra)
+    print_run_summary(run, console, extra, heldout=losses if eval_n > 0 else None)
 
 
 @app.command()
@@ -92,8 +91,9 @@ def export(run: Path = typer.Option(..., "--run", help="finished run folder"),
     cfg = _run_config(run)
     if not (run / adapter).is_dir():
         fail(f"{run / adapter} not found: the run has not finished, or pick --adapter adapter-client<i>.")
-    if merge.exists() and any(merge.iterdir()):
-        fail(f"{merge} exists and is not empty: choose a new folder.")
+    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+        fail(f"{merge} exists and is not an empty folder: choose a new folder.")
+    merge.mkdir(parents=True, exist_ok=True)  # an unwritable --merge fails now, not after merging
     source = source_for(cfg)
     model = merged_model(source, run / adapter)
     model.save_pretrained(merge)

@@ -232,7 +232,7 @@ class NetConfig:
     request_timeout_s: float = field(default=120.0, metadata={"help": "client wait for a reply before retrying"})
     retries: int = field(default=5, metadata={"help": "client retries of one request"})
     heartbeat_s: float = field(default=2.0, metadata={"help": "heartbeat interval"})
-    register_timeout_s: float = field(default=600.0, metadata={"help": "longest the server waits for all clients to register"})
+    register_timeout_s: float = field(default=600.0, metadata={"help": "longest the server waits for all clients to register (the aggregator: for the next one; a client: for its registration)"})
     checkpoint_every: int = field(default=1, metadata={"help": "server checkpoint period in rounds (0: only at the end; 1 resumes exactly)"})
     straggler_timeout_s: float = field(default=0.0, metadata={"help": "close a round without clients that have not sent within this time (0: wait for all)"})
     min_clients: int = field(default=0, metadata={"help": "fewest clients a round or an aggregation may proceed with (0: all)"})
@@ -246,6 +246,7 @@ class NetConfig:
         _positive("microbatch_wait_ms", self.microbatch_wait_ms, zero_ok=True)
         _positive("microbatch_max_padding", self.microbatch_max_padding, zero_ok=True)
         _positive("request_timeout_s", self.request_timeout_s)
+        _positive("register_timeout_s", self.register_timeout_s)
         _positive("retries", self.retries, zero_ok=True)
         _positive("max_message_mb", self.max_message_mb)
         _positive("straggler_timeout_s", self.straggler_timeout_s, zero_ok=True)
@@ -257,6 +258,11 @@ class NetConfig:
 class RunConfig:
     run_id: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
     runs_dir: str = field(default="runs", metadata={"help": "folder of run outputs"})
+
+    def __post_init__(self) -> None:
+        if self.run_id in (".", "..") or any(c in self.run_id for c in "/\\") or self.run_id.startswith("."):
+            raise ConfigError(f"run_id={self.run_id!r} is not valid: a run id names one folder under --runs-dir "
+                              "(letters, digits, - and _; no / and no leading dot).")
 
 
 @dataclass

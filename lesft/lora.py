@@ -315,7 +315,7 @@ def load_peft_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AdapterError(f"{path} not found: pass the folder of a PEFT adapter (adapter_model.safetensors).")
     out = {}
-    for key, t in load_file(str(path)).items():
+    for key, t in _read(path, load_file).items():
         m = re.search(r"(layers\.\d+\..+)\.(lora_[AB])(?:\.[^.]+)?\.weight$", key)
         if not m:
             raise AdapterError(f"{path}: tensor {key} is not a LoRA weight of a decoder layer.")
@@ -347,4 +347,15 @@ def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"adapter file not found: {path}.")
-    return load_file(str(path))
+    return _read(path, load_file)
+
+
+def _read(path: Path, load_file) -> dict[str, torch.Tensor]:
+    """A safetensors file, or one line saying it is damaged (a truncated copy, another format)."""
+    try:
+        return load_file(str(path))
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for any bad header
+        raise AdapterError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+                           "copy it again from the run that wrote it.") from None

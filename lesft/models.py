@@ -118,9 +118,15 @@ class FolderWeights(WeightSource):
         files = sorted(folder.glob("*.safetensors"))
         if files:
             for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self._where[k] = f
+                try:
+                    with safe_open(str(f), framework="pt") as h:
+                        for k in h.keys():
+                            self._where[k] = f
+                except OSError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - safetensors' own error type for a bad header
+                    raise ModelError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+                                     "the model folder is damaged; copy or save it again.") from None
         else:
             bins = sorted(folder.glob("pytorch_model*.bin"))
             if not bins:
@@ -197,6 +203,31 @@ def local_tokenizer():
                                    bos_token=None, padding_side="right")
 
 
+PROBE_TEXT = "Question: Tom has 12 apples and buys 7 more. How many apples does he have?\nThe answer is 19."
+
+
+def check_tokenizer(tok, config, where: str) -> None:
+    """Refuse a tokenizer that cannot feed this model: ids beyond its embedding, a vocabulary
+    of a few tokens (a folder saved without its tokenizer), or one that loses the text of a
+    plain question (it would train on nothing and report success)."""
+    vocab = tok.get_vocab()
+    n_model = int(config.vocab_size)
+    fix = f"save the model's own tokenizer into {where} (tokenizer.save_pretrained)."
+    if len(vocab) < min(256, n_model):
+        raise ModelError(f"{where} has no usable tokenizer: it holds {len(vocab)} token(s) for a model of "
+                         f"{n_model}: {fix}")
+    top = max(vocab.values())
+    if top >= n_model:
+        raise ModelError(f"{where}: the tokenizer has ids up to {top}, the model's embedding only {n_model} rows: "
+                         f"the tokenizer is not this model's; {fix}")
+    ids = tok(PROBE_TEXT, add_special_tokens=False).input_ids
+    back = tok.decode(ids, skip_special_tokens=True)
+    kept = sum(1 for a in PROBE_TEXT.split() if a in back.split())
+    if kept < len(PROBE_TEXT.split()) // 2:
+        raise ModelError(f"{where}: the tokenizer cannot represent plain text (a test sentence comes back as "
+                         f"{back[:40]!r}): {fix}")
+
+
 def prepare_tokenizer(tok):
     """Make a tokenizer usable for training: a pad token and right padding."""
     if tok.pad_token_id is None:
@@ -248,10 +279,12 @@ def _folder_source(folder: Path, spec: str) -> ModelSource:
 
     def load_tokenizer():
         try:
-            return prepare_tokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
-        except (OSError, ValueError) as e:
+            tok = prepare_tokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+        except (OSError, ValueError, TypeError) as e:
             raise ModelError(f"{folder} has no usable tokenizer ({str(e).splitlines()[0]}): "
                              "save one into the folder with tokenizer.save_pretrained().") from None
+        check_tokenizer(tok, config, str(folder))
+        return tok
 
     weights = FolderWeights(folder, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
     return ModelSource(spec=spec, config=config, load_tokenizer=load_tokenizer, weights=weights,

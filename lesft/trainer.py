@@ -7,6 +7,7 @@ base weights (one copy in memory); each has its own LoRA and AdamW.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,88 @@ from lesft.models import ModelSource, source_for
 from lesft.split import split_point
 
 
-def make_run_dir(cfg: Config) -> Path:
-    run_id = cfg.run.run_id or time.strftime("%Y%m%d-%H%M%S")
-    path = Path(cfg.run.runs_dir) / run_id
-    path.mkdir(parents=True, exist_ok=True)
+COMPLETE_FILE = "run-complete.json"
+INTERRUPTED_FILE = "run-interrupted.json"
+
+
+class RunDirError(ValueError):
+    """A run folder that must not be written into as asked (it holds another run)."""
+
+
+def run_state(path: Path) -> str:
+    """``finished`` (a completion marker, or the combined adapter of an older run),
+    ``unfinished`` (files but no marker: running, interrupted or failed) or ``empty``."""
+    if (path / COMPLETE_FILE).is_file() or (path / "adapter").is_dir():
+        return "finished"
+    if path.is_dir() and any(path.iterdir()):
+        return "unfinished"
+    return "empty"
+
+
+def open_run_dir(cfg: Config, existing: str = "new", default_id: str = "") -> Path:
+    """The run folder ``<runs_dir>/<run_id>``, created; the one place that decides whether a
+    run may write into a folder that already holds one.
+
+    ``existing``: ``new`` (a fresh run: refuse any folder with files), ``overwrite`` (a fresh
+    run: move the old one aside and delete it first), ``resume`` (continue what is there),
+    ``join`` (a worker of a running run: refuse only a finished one) or ``join-overwrite``
+    (the same, but delete a finished one); ``any`` only creates it (a worker object, once
+    its entry point has decided). Raises :class:`RunDirError`.
+    """
+    import fcntl
+    import shutil
+
+    if existing not in ("new", "overwrite", "resume", "join", "join-overwrite", "any"):
+        raise ValueError(f"existing={existing!r}")
+    run_id = cfg.run.run_id or default_id or time.strftime("%Y%m%d-%H%M%S")
+    root = Path(cfg.run.runs_dir)
+    path = root / run_id
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{run_id}.lock", "w") as lock:  # workers started together decide one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = run_state(path)
+        refuse = state == "finished" if existing == "join" else (state != "empty" and existing == "new")
+        clear = (state != "empty" and existing == "overwrite") or (state == "finished" and existing == "join-overwrite")
+        if refuse:
+            what = "a finished run" if state == "finished" else "an unfinished run (running, interrupted or failed)"
+            raise RunDirError(f"{path} holds {what}: pick another --run-id, or --resume / --overwrite.")
+        if clear:
+            if not (path / "config.json").is_file() and state != "finished":
+                raise RunDirError(f"{path} is not a lesft run folder (no config.json): not deleting it; "
+                                  "pick another --run-id.")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)  # atomic: nothing ever sees half of each run
+            shutil.rmtree(old, ignore_errors=True)
+        if existing == "resume":
+            (path / INTERRUPTED_FILE).unlink(missing_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def mark_run(run_dir: Path, *, complete: bool, **fields) -> Path:
+    """Write the completion (or interruption) marker of a run folder (atomically)."""
+    import json
+
+    name = COMPLETE_FILE if complete else INTERRUPTED_FILE
+    tmp = run_dir / f".{name}.{os.getpid()}"
+    tmp.write_text(json.dumps({"time": time.time(), **fields}) + "\n")
+    os.replace(tmp, run_dir / name)
+    if complete:
+        (run_dir / INTERRUPTED_FILE).unlink(missing_ok=True)
+    return run_dir / name
+
+
+def make_run_dir(cfg: Config, existing: str = "new") -> Path:
+    return open_run_dir(cfg, existing)
+
+
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C or a signal; its folder is marked incomplete."""
+
+    def __init__(self, run_dir: Path, round_: int | None, rounds: int | None) -> None:
+        self.run_dir, self.round, self.rounds = Path(run_dir), round_, rounds
+        where = f"round {round_} of {rounds}" if round_ is not None and rounds else "the start"
+        super().__init__(f"interrupted at {where}; partial run in {self.run_dir}")
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -82,6 +160,18 @@ def client_shards(cfg: Config, tokenizer=None) -> list[list[Example]]:
                      seed=d.data_seed)
 
 
+def preflight(cfg: Config) -> None:
+    """What every party would refuse at start, checked once in this process before a
+    launcher starts them (one clear line instead of a worker's log): the model, its
+    tokenizer, the data and its targets."""
+    from lesft.batching import encode_all
+
+    source = source_for(cfg)
+    tok = source.load_tokenizer()
+    for shard in client_shards(cfg, tok):
+        encode_all(tok, shard, cfg.data.max_length)
+
+
 def party_layout(method: Method, cfg: Config, shards: list[list[Example]]) -> tuple[list[list[Example]], int]:
     """Centralized SFT is one party over all data with the clients' combined batch size."""
     if method.centralized:
@@ -100,7 +190,16 @@ def client_file(client_id: int) -> str:
 def adapter_meta(cfg: Config, source: ModelSource, method: Method) -> dict:
     k = split_point(source.n_layers, cfg.model.split_ratio) if method.split else 0
     return {"method": method.name, "model": source.spec, "random_weights": source.random_weights,
-            "split_ratio": cfg.model.split_ratio, "k": k, "n_layers": source.n_layers}
+            "split_ratio": cfg.model.split_ratio, "k": k, "n_layers": source.n_layers,
+            "base_folder": base_model_path(source)}
+
+
+def base_model_path(source: ModelSource) -> str:
+    """What a PEFT adapter names as its base: the absolute local folder the run loaded (for
+    the embedded model, the dequantised cache folder of ``lesft prepare``), which
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads offline; a random-weight
+    preset has no folder and keeps its ``arch:`` name."""
+    return str(Path(source.folder).resolve()) if source.folder is not None else source.spec
 
 
 def combine_run(run_dir: Path, cfg: Config, source: ModelSource, method: Method) -> list[Path]:
@@ -127,12 +226,14 @@ def combine_run(run_dir: Path, cfg: Config, source: ModelSource, method: Method)
     ids = sorted(clients)
     written = []
     first = clients[ids[0]] if ids else {}
-    written.append(lora.save_peft_adapter({**first, **server}, cfg.lora, run_dir / "adapter", base_model=source.spec,
+    written.append(lora.save_peft_adapter({**first, **server}, cfg.lora, run_dir / "adapter",
+                                          base_model=base_model_path(source),
                                           extra=meta, n_layers=source.n_layers))
     if len(ids) > 1:
         for cid in ids:
             written.append(lora.save_peft_adapter({**clients[cid], **server}, cfg.lora, run_dir / f"adapter-client{cid}",
-                                                  base_model=source.spec, extra=meta, n_layers=source.n_layers))
+                                                  base_model=base_model_path(source), extra=meta,
+                                                  n_layers=source.n_layers))
     return written
 
 
@@ -170,14 +271,21 @@ class RunResult:
 
 
 def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None = None,
-                    source: ModelSource | None = None) -> RunResult:
-    """Run Algorithm 1 for ``cfg`` in this process; write the run folder; return adapters."""
+                    source: ModelSource | None = None, existing: str = "new") -> RunResult:
+    """Run Algorithm 1 for ``cfg`` in this process; write the run folder; return adapters.
+
+    ``existing``: what to do with a folder that already holds a run (:func:`open_run_dir`;
+    ``new`` refuses it, ``overwrite`` deletes it).
+    """
     t0 = time.perf_counter()
     method = get_method(cfg.train.method)
+    if existing == "resume":
+        raise RunDirError("the in-process trainer cannot resume a run: run the pipeline (lesft train without "
+                          "--inprocess) to resume, or start again with --overwrite.")
     source = source or source_for(cfg)
     tok = source.load_tokenizer()
     shards, batch_size = party_layout(method, cfg, client_shards(cfg, tok))
-    run_dir = make_run_dir(cfg)
+    run_dir = make_run_dir(cfg, existing)
     cfg.save(run_dir / "config.json")
     meter = Meter("trainer", 0)
     clients = [ClientParty(cfg, source, method, i, shard, tok, batch_size=batch_size, meter=meter)
@@ -227,4 +335,5 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
     log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall,
                **client_sizes({c.client_id: c.n_samples for c in clients}, batch_size, rounds)})
     log.close()
+    mark_run(run_dir, complete=True, rounds=rounds)
     return RunResult(run_dir, history, server_ad, client_ad, wall)

@@ -106,7 +106,7 @@ EXPECTED_FILES = {
 def test_run_folder(runs, method):
     run = runs[method]
     names = {p.name for p in run.dir.iterdir()}
-    assert names == {"config.json", "trainer-0.jsonl", "adapter"} | EXPECTED_FILES[method]
+    assert names == {"config.json", "trainer-0.jsonl", "adapter", "run-complete.json"} | EXPECTED_FILES[method]
     assert json.loads((run.dir / "config.json").read_text()) == run.cfg.to_dict()
     assert (run.dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run.dir / "adapter" / "adapter_config.json").is_file()

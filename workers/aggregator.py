@@ -27,7 +27,8 @@ from lesft.models import source_for
 from lesft.split import split_point
 from lesft.trainer import GLOBAL_CLIENT_FILE
 from lesft.wire import ErrorCode, Message, MsgType, WireError
-from workers.common import Channel, Inbound, Oversized, Sessions, Worker, check_fingerprint, make_socket, recv_bounded
+from workers.common import (NOTE_EVERY_S, Channel, Inbound, Oversized, Sessions, Worker, WorkerError,
+                            check_fingerprint, make_socket, recv_bounded)
 
 TOPICS = frozenset({MsgType.ADAPTERS.value.encode(), MsgType.HEARTBEAT.value.encode()})
 SUBSCRIPTION_BYTES = 4096  # frame cap on the XPUB: room for the CurveZMQ handshake, not for a bomb
@@ -76,6 +77,8 @@ class Aggregator(Worker):
         self.log.info("aggregating %d clients: uploads on %s, broadcasts on %s", self.expected,
                       net.aggregator_address, net.aggregator_pub)
         next_beat = 0.0
+        last_join = last_note = time.monotonic()
+        joined = 0
         try:
             while not self.stop.is_set():
                 events = dict(poller.poll(50))
@@ -84,6 +87,19 @@ class Aggregator(Worker):
                 if xpub in events:
                     self.on_subscriptions(xpub)
                 now = time.monotonic()
+                if len(self.registered) != joined:
+                    joined, last_join = len(self.registered), now
+                if joined < self.expected and now - last_note > NOTE_EVERY_S:
+                    last_note = now
+                    missing = sorted(set(range(self.expected)) - set(self.registered))
+                    self.log.info("waiting for client(s) %s to subscribe (%d/%d; they come once the server has "
+                                  "all of them; giving up after %.0f s without one, --register-timeout-s)",
+                                  ", ".join(map(str, missing)), joined, self.expected, net.register_timeout_s)
+                if joined < self.expected and now - last_join > net.register_timeout_s:
+                    missing = sorted(set(range(self.expected)) - set(self.registered))
+                    raise WorkerError(f"client(s) {', '.join(map(str, missing))} did not subscribe within "
+                                      f"{net.register_timeout_s:.0f} s (--register-timeout-s; {joined}/{self.expected}"
+                                      f" subscribed): start them with the same --run-id and --aggregator-* addresses")
                 self.check_stragglers(now)
                 if now >= next_beat:
                     # fast beats while subscribers are still joining
@@ -248,10 +264,11 @@ class Aggregator(Worker):
 
     def combine_if_alone(self) -> None:
         """Without a server (fedavg) the aggregator holds the whole run: write ``adapter/``."""
-        from lesft.trainer import combine_run
+        from lesft.trainer import combine_run, mark_run
 
         method = get_method(self.cfg.train.method)
         if not method.split and (self.run_dir / GLOBAL_CLIENT_FILE).is_file():
             written = combine_run(self.run_dir, self.cfg, source_for(self.cfg), method)
             self.log.info("combined adapter at %s", written[0])
+            mark_run(self.run_dir, complete=True, rounds=None)
 

@@ -19,7 +19,7 @@ from lesft.methods import get_method
 from lesft.models import source_for
 from lesft.trainer import adapter_meta, client_epochs, client_examples, client_file
 from lesft.wire import ErrorCode, Message, MsgType, WireError
-from workers.common import Channel, Peer, Worker, WorkerError, make_socket, request
+from workers.common import NOTE_EVERY_S, Channel, Peer, Worker, WorkerError, make_socket, request
 
 
 class Client(Worker):
@@ -60,13 +60,16 @@ class Client(Worker):
     def ask(self, peer: Peer, t: MsgType, expect: set[MsgType], round_: int = -1, meta: dict | None = None,
             tensors: dict | None = None, float_dtype: str | None = None) -> Message:
         msg = self.message(t, round_, self.next_seq(), meta, tensors)
-        return request(peer, msg, expect, cfg=self.cfg, stop=self.stop, log=self.log, float_dtype=float_dtype)
+        patience = self.cfg.net.register_timeout_s if t == MsgType.HELLO else None  # the others' timeout too
+        return request(peer, msg, expect, cfg=self.cfg, stop=self.stop, log=self.log, float_dtype=float_dtype,
+                       patience_s=patience)
 
     # ------------------------------------------------------------------ run
 
     def run(self) -> int:
         net = self.cfg.net
-        self.server = Peer("server", self._dealer(net.broker_frontend), self.meter) if self.method.split else None
+        self.server = Peer("server", self._dealer(net.broker_frontend), self.meter,
+                           address=f"{net.broker_frontend} (via the broker)") if self.method.split else None
         self.agg = self.sub = None
         try:
             r, rounds = self.register()
@@ -156,7 +159,7 @@ class Client(Worker):
         meta = {"client_id": self.id, "n_samples": self.party.n_samples, "fingerprint": self.fingerprint,
                 "parts": self.parts}
         if self.server is not None:
-            self.log.info("registering with the server via %s", self.cfg.net.broker_frontend)
+            self.log.info("registering with the server via the broker at %s", self.cfg.net.broker_frontend)
             welcome = self.ask(self.server, MsgType.HELLO, {MsgType.WELCOME}, meta=meta)
             server_round, rounds = int(welcome.meta["round"]), int(welcome.meta["rounds"])
         else:
@@ -207,15 +210,24 @@ class Client(Worker):
         before it broadcasts anything.
         """
         net = self.cfg.net
-        self.agg = Peer("aggregator", self._dealer(net.aggregator_address), self.meter, prefix="agg.")
+        self.agg = Peer("aggregator", self._dealer(net.aggregator_address), self.meter, prefix="agg.",
+                        address=net.aggregator_address)
         sub = make_socket(self.ctx, zmq.SUB, self.cfg, connect=net.aggregator_pub, identity=f"client-{self.id}")
         sub.setsockopt(zmq.SUBSCRIBE, MsgType.ADAPTERS.value.encode())
         sub.setsockopt(zmq.SUBSCRIBE, MsgType.HEARTBEAT.value.encode())
         self.sub = Channel(sub, self.meter, routed=False, topic=True, prefix="agg.")
-        deadline = time.monotonic() + net.register_timeout_s
+        started = time.monotonic()
+        next_note = started + NOTE_EVERY_S
+        self.log.info("registering with the aggregator at %s", net.aggregator_address)
         while not self.sub.sock.poll(200):
-            if self.stop.is_set() or time.monotonic() > deadline:
-                raise WorkerError(f"no broadcast from the aggregator at {net.aggregator_pub}: is it running?")
+            now = time.monotonic()
+            if self.stop.is_set() or now - started > net.register_timeout_s:
+                raise WorkerError(f"no broadcast from the aggregator at {net.aggregator_pub} within "
+                                  f"{net.register_timeout_s:.0f} s (--register-timeout-s): is it running?")
+            if now >= next_note:
+                next_note = now + NOTE_EVERY_S
+                self.log.info("waiting for the aggregator's broadcasts at %s for %.0f s (giving up after %.0f s, "
+                              "--register-timeout-s)", net.aggregator_pub, now - started, net.register_timeout_s)
         return self.ask(self.agg, MsgType.HELLO, {MsgType.ACK}, meta=meta)
 
     def aggregate(self, r: int) -> None:

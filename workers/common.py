@@ -47,11 +47,43 @@ def stop_event() -> threading.Event:
     return ev
 
 
-def run_dir_for(cfg: Config) -> Path:
-    """Workers must agree on the folder: the run id defaults to "default" (not a timestamp)."""
-    path = Path(cfg.run.runs_dir) / (cfg.run.run_id or "default")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def die_with_parent() -> None:
+    """A worker started by the launcher (``LESFT_PARENT_PID``) stops when the launcher dies,
+    even by SIGKILL: Linux sends it SIGTERM (PR_SET_PDEATHSIG); elsewhere a thread notices
+    the new parent. SIGTERM then ends it cleanly (see :func:`stop_event`)."""
+    parent = os.environ.get("LESFT_PARENT_PID")
+    if not parent or not parent.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+                if os.getppid() != int(parent):  # died before prctl took effect
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_dir_for(cfg: Config, existing: str = "any") -> Path:
+    """Workers must agree on the folder: the run id defaults to "default" (not a timestamp).
+
+    The worker entry point (``workers.main``) checks it first with ``existing="join"``: a
+    worker refuses a finished run's folder unless told ``--resume`` or ``--overwrite``.
+    """
+    from lesft.trainer import open_run_dir
+
+    return open_run_dir(cfg, existing, default_id="default")
 
 
 def set_threads(cfg: Config) -> None:
@@ -257,6 +289,11 @@ class Peer:
     prefix: str = ""
     chan: Channel | None = None
     last_heard: float = field(default_factory=time.monotonic)
+    address: str = ""  # where it is reached, for messages
+
+    @property
+    def where(self) -> str:
+        return f"the {self.name} at {self.address}" if self.address else f"the {self.name}"
 
     def channel(self) -> Channel:
         if self.chan is None:
@@ -275,19 +312,37 @@ class Peer:
             self.chan = None
 
 
+def describe(msg: Message) -> str:
+    """What a request asks for, in the user's words (for waiting notes and errors)."""
+    r = msg.round
+    return {MsgType.HELLO: "the registration", MsgType.FORWARD: f"the gradients of round {r}",
+            MsgType.UPLOAD: f"the adapter upload of round {r}", MsgType.FETCH: f"the global adapters of round {r}"
+            if r >= 0 else "the latest global adapters", MsgType.BYE: "the end of the run"}.get(
+        msg.type, f"a {msg.type.value} reply" + (f" of round {r}" if r >= 0 else ""))
+
+
+NOTE_EVERY_S = 10.0  # how often a waiting process says what it waits for
+
+
 def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop: threading.Event,
             log: logging.Logger, float_dtype: str | None = None, what: str = "",
             on_other: Callable[[Message], None] | None = None,
-            retry_errors: frozenset = frozenset({ErrorCode.NOT_READY})) -> Message:
+            retry_errors: frozenset = frozenset({ErrorCode.NOT_READY}), patience_s: float | None = None,
+            patience_flag: str = "--register-timeout-s") -> Message:
     """Send ``msg`` and wait for a matching reply (same round and seq) of an expected type.
 
     While waiting it sends HEARTBEATs; any message from the peer counts as a sign of
     life. After ``request_timeout_s`` of silence the socket is rebuilt and the request
     sent again, up to ``retries`` times. An ERROR reply raises :class:`WireError`, except
-    the retryable ones (NOT_READY), which are asked again after a pause.
+    the retryable ones (NOT_READY), which are asked again after a pause. With
+    ``patience_s`` the whole wait (answers included) ends after that long with a
+    :class:`WorkerError` naming ``patience_flag``. Every ``NOTE_EVERY_S`` of waiting it
+    logs what it waits for.
     """
-    what = what or f"{msg.type.value} round {msg.round}"
+    what = what or describe(msg)
     tries = 0
+    started = next_note = time.monotonic()
+    next_note += NOTE_EVERY_S
     while True:
         chan = peer.channel()
         chan.send(msg, float_dtype=float_dtype)
@@ -295,7 +350,7 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
         next_beat = sent_at + min(cfg.net.heartbeat_s, 1.0)
         while True:
             if stop.is_set():
-                raise WorkerError(f"stopped while waiting for {peer.name} ({what})")
+                raise WorkerError(f"stopped while waiting for {peer.where} ({what})")
             if chan.sock.poll(100):
                 inbound = chan.recv()
                 peer.last_heard = time.monotonic()
@@ -329,6 +384,16 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
                 peer.meter.count("unexpected_replies")
                 continue
             now = time.monotonic()
+            if now >= next_note:
+                next_note = now + NOTE_EVERY_S
+                heard = now - peer.last_heard
+                log.info("waiting for %s (%s) for %.0f s%s%s", peer.where, what, now - started,
+                         f"; no sign of it for {heard:.0f} s: is it running?" if heard > 2 * cfg.net.heartbeat_s
+                         else "; it is up", f" (giving up after {patience_s:.0f} s, {patience_flag})"
+                         if patience_s else "")
+            if patience_s is not None and now - started > patience_s:
+                raise WorkerError(f"{peer.where} did not answer {what} within {patience_s:.0f} s ({patience_flag}): "
+                                  "is it running, with the same --run-id and addresses?")
             if now >= next_beat:
                 session = {"session": msg.meta["session"]} if "session" in msg.meta else {}
                 chan.send(Message(MsgType.HEARTBEAT, msg.role, msg.sender, msg.run_id, msg.round, msg.seq, session))
@@ -336,9 +401,9 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
             if now - peer.last_heard > cfg.net.request_timeout_s:
                 tries += 1
                 if tries > cfg.net.retries:
-                    raise WorkerError(f"{peer.name} did not answer {what} after {tries} tries of "
+                    raise WorkerError(f"{peer.where} did not answer {what} after {tries} tries of "
                                       f"{cfg.net.request_timeout_s:.0f}s: is it running and reachable?")
-                log.warning("no answer from %s for %s in %.0fs: reconnecting (try %d/%d)", peer.name, what,
+                log.warning("no answer from %s for %s in %.0fs: reconnecting (try %d/%d)", peer.where, what,
                             cfg.net.request_timeout_s, tries, cfg.net.retries)
                 peer.reset()
                 break

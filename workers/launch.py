@@ -5,16 +5,18 @@ always clean up (no orphan process survives a failure or an interrupt).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from lesft.config import Config
 from lesft.methods import get_method
@@ -103,6 +105,7 @@ def start(cfg_path: Path, role: str, worker_id: int, log_dir: Path, env: dict, e
     cmd = [sys.executable, "-m", "workers.main", "--role", role, "--id", str(worker_id), "--config", str(cfg_path),
            *extra_args]
     fh = open(log_path, "ab")
+    env = dict(env, LESFT_PARENT_PID=str(os.getpid()))  # it stops when this process dies (even by SIGKILL)
     popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     fh.close()
     return Proc(role, worker_id, popen, log_path)
@@ -128,18 +131,64 @@ def stop_all(procs: Sequence[Proc], grace_s: float = 10.0) -> None:
             p.popen.wait()
 
 
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the block like Ctrl-C (KeyboardInterrupt), so the ``finally``
+    that stops the workers runs; outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A second Ctrl-C or SIGTERM waits until the workers are stopped (it cannot orphan them)."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def progress_records(run_dir: Path) -> list[dict]:
+    """The round records that measure a run's progress: the server's, else client 0's (fedavg)."""
+    recs = server_rounds(run_dir)
+    if not recs and (run_dir / "client-0.jsonl").is_file():
+        recs = [r for r in read_jsonl(run_dir / "client-0.jsonl") if r.get("event") == "round"]
+    return recs
+
+
 def launch(cfg: Config, *, roles: Sequence[tuple[str, int]] | None = None, timeout_s: float | None = None,
            client_threads: int | None = 1, transport: str = "tcp", extra_args: dict[str, Sequence[str]] | None = None,
-           on_poll: Callable[[Path, list[Proc]], None] | None = None, env: dict[str, str] | None = None) -> LaunchResult:
+           on_poll: Callable[[Path, list[Proc]], None] | None = None, env: dict[str, str] | None = None,
+           existing: str = "new") -> LaunchResult:
     """Run a whole fine-tune as real processes on this machine; return when it has ended.
 
-    ``cfg.run.run_id`` names the run folder (a timestamp when empty). The addresses in
-    ``cfg`` are replaced by fresh loopback ones. Raises :class:`LaunchError` when a
-    worker fails or ``timeout_s`` passes; every process is stopped either way.
+    ``cfg.run.run_id`` names the run folder (a timestamp when empty); ``existing`` says what
+    to do when it already holds a run (``new``: refuse, ``overwrite``: delete it, ``resume``:
+    continue it; see :func:`lesft.trainer.open_run_dir`). The addresses in ``cfg`` are
+    replaced by fresh loopback ones. Raises :class:`LaunchError` when a worker fails or
+    ``timeout_s`` passes, :class:`lesft.trainer.RunInterrupted` on Ctrl-C, SIGTERM or
+    SIGHUP; every process is stopped either way (and stops by itself if this one is killed).
     """
+    from lesft.trainer import RunInterrupted, mark_run, open_run_dir
+
     run_id = cfg.run.run_id or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.runs_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = open_run_dir(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_id=run_id)), existing)
     net = dataclasses.replace(cfg.net, **local_addresses(transport, run_dir))
     cfg = dataclasses.replace(cfg, net=net, run=dataclasses.replace(cfg.run, run_id=run_id))
     cfg_path = run_dir / "config.toml"
@@ -152,14 +201,24 @@ def launch(cfg: Config, *, roles: Sequence[tuple[str, int]] | None = None, timeo
     procs: list[Proc] = []
     t0 = time.monotonic()
     try:
-        for role, wid in roles:
-            args = list((extra_args or {}).get(role, ()))
-            if role == "client" and client_threads:
-                args += ["--threads", str(client_threads)]
-            procs.append(start(cfg_path, role, wid, log_dir, child_env, args))
-        _wait(procs, timeout_s, t0, run_dir, on_poll)
-    finally:
-        stop_all(procs)
+        with interrupt_on_signals():
+            try:
+                for role, wid in roles:
+                    args = list((extra_args or {}).get(role, ()))
+                    if existing == "resume":
+                        args.append("--resume")
+                    if role == "client" and client_threads:
+                        args += ["--threads", str(client_threads)]
+                    procs.append(start(cfg_path, role, wid, log_dir, child_env, args))
+                _wait(procs, timeout_s, t0, run_dir, on_poll)
+            finally:
+                with _signals_held():
+                    stop_all(procs, grace_s=5.0)
+    except KeyboardInterrupt:
+        recs = progress_records(run_dir)
+        done, rounds = len(recs), (recs[-1].get("rounds") if recs else None)
+        mark_run(run_dir, complete=False, round=done, rounds=rounds)
+        raise RunInterrupted(run_dir, done, rounds) from None
     codes = {p.name: p.popen.returncode for p in procs}
     return LaunchResult(run_dir, codes, time.monotonic() - t0, summarize_run(run_dir),
                         {p.name: p.log_path for p in procs})
@@ -192,32 +251,28 @@ def server_rounds(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(path) if r.get("event") == "round"] if path.is_file() else []
 
 
-def run_pipeline_cli(cfg: Config, console) -> LaunchResult:
-    """``lesft train``: the whole pipeline on this machine, with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def run_pipeline_cli(cfg: Config, console, existing: str = "new") -> LaunchResult:
+    """``lesft train``: the whole pipeline on this machine, with a progress bar (one line per
+    round when the output is not a terminal)."""
     from lesft.cli_options import fail
-    from lesft.report import print_run_summary
+    from lesft.report import RoundProgress, print_run_summary
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task(f"{cfg.train.method} pipeline", total=None, loss="-")
-        seen = {"n": 0}
+    with RoundProgress(console, f"{cfg.train.method} pipeline") as progress:
+        seen = {"t": 0.0}
 
         def on_poll(run_dir: Path, procs: list[Proc]) -> None:
-            if time.monotonic() - seen.get("t", 0) < 1.0:
+            if time.monotonic() - seen["t"] < 1.0:
                 return
             seen["t"] = time.monotonic()
-            recs = server_rounds(run_dir) or [r for r in read_jsonl(run_dir / "client-0.jsonl")
-                                              if r.get("event") == "round"] if (run_dir / "client-0.jsonl").is_file() else []
-            if recs and len(recs) != seen["n"]:
-                seen["n"] = len(recs)
-                progress.update(task, total=recs[-1].get("rounds"), completed=len(recs),
-                                loss=f"{recs[-1].get('loss', float('nan')):.4f}")
+            progress.update(progress_records(run_dir))
 
         try:
-            result = launch(cfg, on_poll=on_poll)
+            from lesft.trainer import preflight
+
+            preflight(cfg)
+            result = launch(cfg, on_poll=on_poll, existing=existing)
         except LaunchError as e:
             fail(str(e), code=1)
+        progress.update(progress_records(result.run_dir))
     print_run_summary(result.run_dir, console)
     return result

@@ -12,7 +12,7 @@ import sys
 import typer
 import zmq
 
-from lesft.cli_options import config_command, fail
+from lesft.cli_options import config_command, fail, path_error
 from lesft.config import Config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,15 +28,26 @@ ROLES = ("broker", "server", "aggregator", "client")
 @config_command
 def worker(role: str = typer.Option(..., "--role", help="broker | server | aggregator | client"),
            worker_id: int = typer.Option(0, "--id", help="client id, 0..clients-1"),
-           resume: bool = typer.Option(False, "--resume", help="server: continue from the last checkpoint"),
+           resume: bool = typer.Option(False, "--resume", help="server: continue from the last checkpoint; "
+                                                               "every role: accept a finished run's folder"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="delete a finished run in the run folder first"),
            *, cfg: Config) -> None:
     """Run one role of a LESFT system."""
+    from lesft.trainer import RunDirError
     from lesft.wire import WireError
     from workers import security
-    from workers.common import WorkerError
+    from workers.common import WorkerError, run_dir_for
 
     if role not in ROLES:
         fail(f"--role {role!r} is not a role: use one of {', '.join(ROLES)}.")
+    if resume and overwrite:
+        fail("--resume and --overwrite contradict each other: pick one.")
+    try:
+        run_dir_for(cfg, "resume" if resume else "join-overwrite" if overwrite else "join")
+    except RunDirError as e:
+        fail(f"{role}: {e}")
+    except OSError as e:
+        fail(f"{role}: cannot create the run folder in --runs-dir {cfg.run.runs_dir}: {path_error(e) or e}", code=1)
     try:
         if role == "broker":
             from broker.proxy import Broker
@@ -58,7 +69,9 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
             code = Client(cfg, worker_id).run()
     except (WorkerError, WireError) as e:
         fail(f"{role}: {security.refusal() or e}", code=1)
-    except (OSError, zmq.ZMQError) as e:  # e.g. an address already in use
+    except OSError as e:
+        fail(f"{role}: {path_error(e) or e}", code=1)
+    except zmq.ZMQError as e:  # e.g. an address already in use
         fail(f"{role}: {e} (check the --broker-*/--aggregator-* addresses)", code=1)
     if security.refusal():  # a peer refused our CurveZMQ key: the loop stopped, but this is a failure
         fail(f"{role}: {security.refusal()}", code=1)
@@ -66,6 +79,9 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
 
 
 def main() -> None:
+    from workers.common import die_with_parent
+
+    die_with_parent()
     app(prog_name="lesft-worker")
 
 

@@ -25,10 +25,11 @@ from lesft.lora import row_keys
 from lesft.methods import get_method
 from lesft.metrics import merge_token_means
 from lesft.models import source_for
-from lesft.trainer import SERVER_FILE, adapter_meta, client_sizes, combine_run
+from lesft.trainer import SERVER_FILE, adapter_meta, client_sizes, combine_run, mark_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
-from workers.common import SERVER_ROUTING_ID, Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
+from workers.common import (NOTE_EVERY_S, SERVER_ROUTING_ID, Channel, Inbound, Sessions, Worker, WorkerError,
+                            check_fingerprint, make_socket)
 
 _WIRE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -119,7 +120,7 @@ class Server(Worker):
         self.log.info("%s on %s: layers %d..%d of %d, waiting for %d clients via %s", self.method.label,
                       self.party.device, self.party.k, self.source.n_layers - 1, self.source.n_layers,
                       self.expected, self.cfg.net.broker_backend)
-        last_note = time.monotonic()
+        last_note = started = time.monotonic()
         try:
             while not self.stop.is_set():
                 if self.chan.sock.poll(50):
@@ -128,9 +129,15 @@ class Server(Worker):
                         self.dispatch(self.chan.recv())
                 self.maybe_process()
                 now = time.monotonic()
-                if self.rounds is None and now - last_note > 10:
-                    self._note_waiting()
+                if self.rounds is None and now - last_note > NOTE_EVERY_S:
+                    self._note_waiting(now - started)
                     last_note = now
+                if self.rounds is None and now - started > self.cfg.net.register_timeout_s:
+                    missing = sorted(set(range(self.expected)) - set(self.clients))
+                    raise WorkerError(f"client(s) {', '.join(map(str, missing))} did not register within "
+                                      f"{self.cfg.net.register_timeout_s:.0f} s (--register-timeout-s; "
+                                      f"{len(self.clients)}/{self.expected} registered): start them with the same "
+                                      f"--run-id and --broker-frontend, or run with --clients {len(self.clients) or 1}")
                 if self.done_at is not None and now - self.done_at > self.cfg.net.done_linger_s:
                     break
         finally:
@@ -138,10 +145,11 @@ class Server(Worker):
             self.finish(rounds=self.rounds, round=self.round, steps=self.party.steps)
         return 0
 
-    def _note_waiting(self) -> None:
+    def _note_waiting(self, waited: float = 0.0) -> None:
         missing = sorted(set(range(self.expected)) - set(self.clients))
-        self.log.info("waiting for client(s) %s (%d/%d registered)", ", ".join(map(str, missing)),
-                      len(self.clients), self.expected)
+        self.log.info("waiting for client(s) %s (%d/%d registered) for %.0f s; giving up after %.0f s "
+                      "(--register-timeout-s)", ", ".join(map(str, missing)), len(self.clients), self.expected, waited,
+                      self.cfg.net.register_timeout_s)
 
     def reply(self, inbound: Inbound, msg: Message, float_dtype: str | None = None) -> None:
         self.chan.send(msg, inbound.envelope, float_dtype)
@@ -407,6 +415,7 @@ class Server(Worker):
                 self.log.info("run complete: combined adapter at %s", written[0])
             except ValueError as e:  # the other side's files are on another machine
                 self.log.info("run complete; not combined here (%s): run `lesft combine --run %s`", e, self.run_dir)
+            mark_run(self.run_dir, complete=True, rounds=self.rounds)
             self.done_at = time.monotonic()
         for envelope, seq in self.byes.values():
             self.chan.send(self.message(MsgType.DONE, -1, seq), envelope)
@@ -446,6 +455,7 @@ class CentralizedServer(Worker):
                 self.record("round", round=r, rounds=rounds, loss=float(tl.loss.detach()), stepped=stepped,
                             wall_s=self.meter.wall_s(), **tl.stats)
             final_outputs(self.run_dir, self.cfg, self.source, self.method, None, {-1: self.party.adapters()})
+            mark_run(self.run_dir, complete=True, rounds=rounds)
         finally:
             self.finish()
         return 0
