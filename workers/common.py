@@ -160,7 +160,7 @@ def recv_bounded(sock: zmq.Socket, max_frames: int, max_bytes: int, flags: int =
                 frames = []
             else:
                 frames.append(f)
-    if over or count > max_frames:
+    if over:
         _give_back_memory()
         raise Oversized(count, n)
     return frames
@@ -206,8 +206,9 @@ class Channel:
 
     def __init__(self, sock: zmq.Socket, meter: Meter, *, routed: bool, limits: wire.Limits | None = None,
                  topic: bool = False, prefix: str = "",
-                 admit: Callable[[list, Message], None] | None = None) -> None:
+                 admit: Callable[[list, Message], None] | None = None, drop_on_full: bool = False) -> None:
         self.sock, self.meter, self.routed, self.topic = sock, meter, routed, topic
+        self.drop_on_full = drop_on_full  # a send that times out is counted and dropped, not raised
         self.limits = limits or wire.Limits()
         self.prefix = prefix  # counts this channel's traffic apart, e.g. "agg." for the aggregator
         self.admit = admit  # the receiver's cheap checks, run before any tensor is decoded
@@ -221,6 +222,8 @@ class Channel:
         try:
             self.sock.send_multipart(out, copy=False)
         except zmq.Again:  # a socket with a send timeout whose peer is gone: the peer will ask again
+            if not self.drop_on_full:
+                raise
             self.meter.count(f"dropped.send.{msg.type.value}")
             return 0
         n = frames_bytes(frames)

@@ -115,7 +115,7 @@ class Server(Worker):
                            routing_id=SERVER_ROUTING_ID)
         sock.setsockopt(zmq.SNDTIMEO, 1000)  # broker gone and its queue full: drop, the clients ask again
         limits = wire.Limits(max_total_bytes=self.cfg.net.max_message_mb * 2**20)
-        self.chan = Channel(sock, self.meter, routed=True, limits=limits,
+        self.chan = Channel(sock, self.meter, routed=True, limits=limits, drop_on_full=True,
                             admit=self.admission(self.handlers, self.sessions))
         self.log.info("%s on %s: layers %d..%d of %d, waiting for %d clients via %s", self.method.label,
                       self.party.device, self.party.k, self.source.n_layers - 1, self.source.n_layers,
