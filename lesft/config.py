@@ -103,7 +103,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="synthetic", metadata={"help": "synthetic|gsm8k|commonsenseqa|aqua_rat"})
+    dataset: str = field(default="synthetic", metadata={"help": "synthetic|synthetic_easy|gsm8k|commonsenseqa|aqua_rat"})
     data_dir: str = field(default="", metadata={"help": "folder holding gsm8k/, commonsenseqa/, aqua_rat/ (default $LESFT_DATA_DIR or ../shared/datasets)"})
     clients: int = field(default=4, metadata={"help": "number of clients N"})
     samples_per_client: int = field(default=10, metadata={"help": "training examples per client"})
@@ -115,7 +115,7 @@ class DataConfig:
     data_seed: int = field(default=0, metadata={"help": "seed of sampling and partitioning"})
 
     def __post_init__(self) -> None:
-        _one_of("dataset", self.dataset, ("synthetic", "gsm8k", "commonsenseqa", "aqua_rat"))
+        _one_of("dataset", self.dataset, ("synthetic", "synthetic_easy", "gsm8k", "commonsenseqa", "aqua_rat"))
         _one_of("partition", self.partition, ("iid", "dirichlet"))
         _one_of("ref_style", self.ref_style, ("solution", "answer"))
         _positive("clients", self.clients)
