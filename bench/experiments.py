@@ -27,8 +27,8 @@ from lesft.config import Config
 # issue 10), in one table: name -> (train method, settings overrides, what it is).
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "nlft": ("lesft", {"loss": "nlft"}, "NLFT's released rule: eq. 17 + plain NLL"),
-    "kd": ("lesft", {"loss": "kd", "teacher": "live"}, "NLL + KL to the reference path (live adapters)"),
-    "kd-base": ("lesft", {"loss": "kd", "teacher": "base"}, "NLL + KL to the reference path of the frozen base"),
+    "kd": ("lesft", {"loss": "kd", "ref_teacher": "live"}, "NLL + KL to the reference path (live adapters)"),
+    "kd-base": ("lesft", {"loss": "kd", "ref_teacher": "base"}, "NLL + KL to the reference path of the frozen base"),
     "smooth": ("lesft", {"loss": "smooth"}, "NLL + label smoothing with kd's lambda (control for kd)"),
     "kd-smooth": ("lesft", {"loss": "smooth"}, "the same as smooth"),
     "excess": ("lesft", {"loss": "excess"}, "NLL up-weighted where log P~ exceeds log P"),

@@ -17,11 +17,24 @@ def _run_config(run: Path) -> Config:
     return Config.load(run / "config.json")
 
 
+def _loss_line(cfg: Config) -> str:
+    """The loss the run trained with, and why (the run's ``note``), on one line."""
+    from lesft.methods import get_method
+
+    method = get_method(cfg.train.method)
+    name = getattr(cfg.loss, "loss", "lesft") if cfg.train.method == "lesft" else "nll"
+    if cfg.train.method == "lesft" and name == "lesft" and cfg.loss.lesft_nll_mix:
+        name = f"lesft + {cfg.loss.lesft_nll_mix:g} x NLL"
+    what = f"{name} ({method.label})"
+    return f"{what}: {cfg.run.note}" if cfg.run.note else what
+
+
 @app.command()
 @guarded
 def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-id>)"),
-            eval_n: int = typer.Option(20, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
-            max_new_tokens: int = typer.Option(80, "--max-new-tokens", help="generation budget per question")) -> None:
+            eval_n: int = typer.Option(50, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
+            max_new_tokens: int = typer.Option(80, "--max-new-tokens", help="generation budget per question"),
+            batch_size: int = typer.Option(16, "--batch-size", help="questions generated together")) -> None:
     """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
     from lesft.evaluate import evaluate, load_for_eval, probe_loss
     from lesft.data import load_examples
@@ -29,7 +42,7 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
     from lesft.report import print_run_summary
 
     cfg = _run_config(run)
-    extra: list[tuple[str, str]] = []
+    extra: list[tuple[str, str]] = [("loss", _loss_line(cfg))]
     if eval_n > 0:
         if not (run / "adapter").is_dir():
             fail(f"{run}/adapter is missing: the run did not finish (see {run}/logs or the workers' output).")
@@ -44,7 +57,8 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
                                 f"questions"):
                 model = load_for_eval(source, adapter)
                 losses[label] = probe_loss(model, tok, examples, max_length=cfg.data.max_length)
-                results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens, first_line=True)
+                results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens, first_line=True,
+                                          batch_size=batch_size)
         extra.append((f"held-out target NLL (before -> after)", f"{losses['before']:.4f} -> {losses['after']:.4f}"))
         for label, res in results.items():
             extra.append((f"accuracy {label} ({res.n} held-out {cfg.data.dataset} {split}, first line)",

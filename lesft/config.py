@@ -198,6 +198,7 @@ class NetConfig:
 class RunConfig:
     run_id: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
     runs_dir: str = field(default="runs", metadata={"help": "folder of run outputs"})
+    note: str = field(default="", metadata={"help": "one line on why the run uses its settings (lesft summary shows it)"})
 
 
 @dataclass

@@ -86,7 +86,7 @@ def test_method_stats_uses_the_seeds_a_method_has():
 
 def test_variants_resolve_to_method_lesft_with_their_overrides():
     assert resolve_method("splitlora") == ("splitlora", {})
-    assert resolve_method("kd-base") == ("lesft", {"loss": "kd", "teacher": "base"})
+    assert resolve_method("kd-base") == ("lesft", {"loss": "kd", "ref_teacher": "base"})
     assert resolve_method("power")[1]["power_alpha"] == 1.0
     assert set(VARIANTS) >= {"nlft", "kd", "kd-base", "smooth", "kd-smooth", "excess", "power"}
 
