@@ -150,10 +150,12 @@ def _seeds(spec: Optional[str]) -> list[Optional[int]]:
 
 
 def _cells(names: list[str], overrides: dict, seeds: list[Optional[int]]):
+    """``base`` once (it trains nothing), then every method seed by seed: a grid cut short
+    has all methods on its first seeds."""
     from bench.experiments import Cell
 
-    return [c for m in names for c in ([Cell(m, dict(overrides))] if m == "base"
-                                       else [Cell(m, dict(overrides), seed=s) for s in seeds])]
+    return ([Cell("base", dict(overrides))] if "base" in names else []) + \
+        [Cell(m, dict(overrides), seed=s) for s in seeds for m in names if m != "base"]
 
 
 def _stats_rows(rows: list[dict], names: list[str], seeds: list[Optional[int]], baseline: str) -> tuple[list, list[dict]]:
