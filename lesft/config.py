@@ -67,6 +67,9 @@ class LoraSettings:
             raise ConfigError("lora_targets is empty: name at least one module, e.g. --lora-targets gate_proj,up_proj,down_proj.")
 
 
+LOSSES = ("lesft", "nlft", "kd", "smooth", "excess", "power")
+
+
 @dataclass
 class LossConfig:
     paths: str = field(default="dual", metadata={"help": "which inputs train: dual (LESFT), base or reference (single-path ablations)"})
@@ -79,9 +82,21 @@ class LossConfig:
     gamma_nonsalient: float | None = field(default=None, metadata={"help": "set gamma_2 = gamma_3 = c (Table 3 ablation)"})
     lesft_norm: str = field(default="tokens", metadata={"help": "divide eq. 17 by the token count (tokens) or by the sum of weights (weights)"})
     lesft_nll_mix: float = field(default=0.0, metadata={"help": "add lam x the plain NLL to the LESFT loss"})
+    # loss variants of method lesft (README "Loss variants"); all computed by the server from the two paths
+    loss: str = field(default="lesft", metadata={"help": "loss of method lesft: lesft (eq. 16-17)|nlft|kd|smooth|excess|power"})
+    sim_rule: str = field(default="paper", metadata={"help": "sub-salient rule of lesft/nlft: paper (cosine to any salient token) or nlft (NLFT's contiguous clusters)"})
+    nlft_distance: float = field(default=0.4, metadata={"help": "sim_rule=nlft: a neighbour joins a cluster while its cosine distance to the running centre is > this"})
+    ref_teacher: str = field(default="live", metadata={"help": "weights of the reference path (the teacher of kd/smooth/excess, the weighting path of lesft/nlft): live (the adapters being trained) or base (LoRA off, on client and server)"})
+    kd_lambda: float = field(default=1.0, metadata={"help": "kd/smooth: weight of the tau^2 KL term added to the plain NLL"})
+    kd_tau: float = field(default=1.0, metadata={"help": "kd/smooth: softmax temperature of teacher and student"})
+    kd_topk: int = field(default=0, metadata={"help": "kd: 0 = KL over the whole vocabulary; k = over the teacher's top k tokens (renormalised)"})
+    excess_lambda: float = field(default=1.0, metadata={"help": "excess: up-weight 1 + lam of a token the reference path knows best"})
+    excess_clip: float = field(default=2.0, metadata={"help": "excess: log P~ - log P (nats) at which the up-weight saturates"})
+    power_alpha: float = field(default=1.0, metadata={"help": "power: alpha of (1 - P^alpha)/alpha (-> 0: NLL; 1: close to DFT)"})
 
     def __post_init__(self) -> None:
         _one_of("paths", self.paths, ("dual", "base", "reference"))
+        self._check_variant()
         _one_of("sim_vectors", self.sim_vectors, ("centered", "uncentered", "lm_head"))
         _one_of("lesft_norm", self.lesft_norm, ("tokens", "weights"))
         if not 0.0 < self.p_sal < 1.0:
@@ -93,6 +108,32 @@ class LossConfig:
             _positive(name, getattr(self, name), zero_ok=True)
         if self.gamma_nonsalient is not None:
             _positive("gamma_nonsalient", self.gamma_nonsalient, zero_ok=True)
+
+    def _check_variant(self) -> None:
+        _one_of("loss", self.loss, LOSSES)
+        _one_of("sim_rule", self.sim_rule, ("paper", "nlft"))
+        _one_of("ref_teacher", self.ref_teacher, ("live", "base"))
+        if not 0.0 <= self.nlft_distance <= 2.0:
+            raise ConfigError(f"nlft_distance={self.nlft_distance} is not valid: a cosine distance lies in [0, 2].")
+        for name in ("kd_lambda", "excess_lambda"):
+            _positive(name, getattr(self, name), zero_ok=True)
+        for name in ("kd_tau", "excess_clip", "power_alpha"):
+            _positive(name, getattr(self, name))
+        _positive("kd_topk", self.kd_topk, zero_ok=True)
+        if self.lesft_nll_mix and self.loss != "lesft":
+            raise ConfigError(f"lesft_nll_mix applies to loss=lesft only (loss={self.loss} fixes its own NLL term): "
+                              "drop --lesft-nll-mix.")
+        if self.loss in ("kd", "smooth", "excess") and self.paths != "dual":
+            raise ConfigError(f"loss={self.loss} needs the reference path as its teacher: use --paths dual "
+                              f"(single-path ablations train with lesft, nlft or power).")
+        if self.ref_teacher != "live" and not self.uses_reference:
+            raise ConfigError(f"ref_teacher={self.ref_teacher} sets the reference path, which loss={self.loss} with "
+                              f"paths={self.paths} does not use: drop --ref-teacher or use --paths dual.")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the client computes and sends the reference path (``power`` needs none)."""
+        return self.paths == "dual" and self.loss != "power"
 
     @property
     def gammas(self) -> tuple[float, float, float]:
@@ -210,6 +251,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     net: NetConfig = field(default_factory=NetConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.loss != "lesft" or self.loss.ref_teacher != "live":
+            from lesft.methods import get_method
+
+            method = get_method(self.train.method)
+            if method.loss != "lesft":
+                what = f"loss={self.loss.loss}" if self.loss.loss != "lesft" else f"ref_teacher={self.loss.ref_teacher}"
+                raise ConfigError(f"{what} applies to method lesft (the dual-path method); method {method.name} "
+                                  "trains with plain SFT: use --method lesft or drop the setting.")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {g: {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(getattr(self, g)).items()}

@@ -25,7 +25,8 @@ from lesft.batching import (Batch, Rows, collate, concat_rows, encode_all, paddi
                             target_positions)
 from lesft.config import Config
 from lesft.data import Example
-from lesft.loss import TokenLoss, gather_positions, lesft_token_loss, sft_token_loss, target_logprobs
+from lesft.loss import (TokenLoss, excess_token_loss, gather_positions, kd_token_loss, lesft_token_loss,
+                        power_token_loss, sft_token_loss, target_logprobs)
 from lesft.methods import Method
 from lesft.metrics import Meter, merge_token_means
 from lesft.models import ModelSource
@@ -151,29 +152,61 @@ class _Trainable:
         self.window_rows, self.steps = int(state["window_rows"]), int(state["steps"])
 
 
+def head_logits(head, hidden: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
+                width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM head only at the ``width`` positions that predict the targets (on every
+    position it would cost as much as several layers): ``(logits [B, Ty, V], mask, hidden
+    at those positions)``."""
+    pos, mask = target_positions(y_start, y_len, width)
+    h = gather_positions(hidden, pos)
+    return head(h), mask, h
+
+
 def head_logprobs(head, hidden: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the targets ``[B, Ty]`` computed only at the positions that
-    predict them (the LM head on every position would cost as much as several layers).
-    Returns ``(logprobs, mask, hidden at those positions)``."""
-    pos, mask = target_positions(y_start, y_len, targets.shape[1])
-    h = gather_positions(hidden, pos)
-    return target_logprobs(head(h), targets), mask, h
+    """Log-probabilities of the targets ``[B, Ty]``: ``(logprobs, mask, hidden at those positions)``."""
+    logits, mask, h = head_logits(head, hidden, y_start, y_len, targets.shape[1])
+    return target_logprobs(logits, targets), mask, h
 
 
-def token_loss(method: Method, cfg: Config, logprobs: torch.Tensor, mask: torch.Tensor, trained_hidden: torch.Tensor,
+def token_loss(method: Method, cfg: Config, logits: torch.Tensor, mask: torch.Tensor, trained_hidden: torch.Tensor,
                ref: tuple[torch.Tensor, torch.Tensor] | None, head_weight: torch.Tensor | None,
                targets: torch.Tensor) -> TokenLoss:
-    """The method's loss on aligned targets. ``ref`` = (probs, vectors) of the weighting path,
+    """The method's loss on aligned targets from the trained path's ``logits [B, T, V]`` at
+    the target positions. ``ref`` = (logits, final hidden states) of the reference path there,
     or None for single-path LESFT, where the trained path weights itself (detached)."""
+    logprobs = target_logprobs(logits, targets)
     if method.loss == "sft":
         return sft_token_loss(logprobs, mask)
+    lc = cfg.loss
+    if lc.loss == "power":
+        return power_token_loss(logprobs, mask, lc.power_alpha)
+    if lc.loss in ("kd", "smooth", "excess"):
+        if ref is None:  # the config refuses these without paths=dual; a peer's rows may still lack it
+            raise ValueError(f"loss={lc.loss} needs the reference path, and these rows carry none")
+        if lc.loss == "excess":
+            return excess_token_loss(logprobs, target_logprobs(ref[0], targets), mask, lc.excess_lambda,
+                                     lc.excess_clip)
+        return kd_token_loss(logits, ref[0], targets, mask, lc.kd_lambda, lc.kd_tau, lc.kd_topk,
+                             smooth=lc.loss == "smooth")
     if ref is None:
-        ref = (logprobs.detach().exp(), trained_hidden.detach())
-    probs, vectors = ref
-    if cfg.loss.sim_vectors == "lm_head":
+        probs, vectors = logprobs.detach().exp(), trained_hidden.detach()
+    else:
+        probs, vectors = target_logprobs(ref[0], targets).exp(), ref[1]
+    if lc.sim_vectors == "lm_head":
         vectors = head_weight.detach()[targets]
-    return lesft_token_loss(logprobs, probs, vectors, mask, cfg.loss)
+    return lesft_token_loss(logprobs, probs, vectors, mask, lc, cluster_vectors=trained_hidden.detach())
+
+
+def reference_scope(part: torch.nn.Module, cfg: Config):
+    """The context of a reference-path forward: no gradient, no LoRA dropout, and with
+    ``--ref-teacher base`` no LoRA at all (the frozen base model; the same on client and server)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(lora.no_dropout())
+    if cfg.loss.ref_teacher == "base":
+        stack.enter_context(lora.adapters_disabled(part))
+    return stack
 
 
 # --------------------------------------------------------------------------- client
@@ -231,6 +264,18 @@ class ClientParty(_Trainable):
 
     # -- split methods
 
+    @property
+    def sends_reference(self) -> bool:
+        """Whether :meth:`forward` computes and sends the reference path."""
+        return self.method.loss == "lesft" and self.cfg.loss.uses_reference
+
+    @property
+    def wire_paths(self) -> str:
+        """The FORWARD ``paths`` meta: "dual" with the reference path, else "base" (one
+        trained path; with ``--paths reference`` it is the reference input, all the same to
+        the server)."""
+        return "dual" if self.sends_reference else "base"
+
     def forward(self, r: int) -> Rows:
         """Client forward of round ``r``: the rows to send to the server (detached)."""
         batch = self.batch(r)
@@ -242,9 +287,9 @@ class ClientParty(_Trainable):
         with self.meter.phase("forward"), lora.dropout_rows(keys, trained.lengths), torch.set_grad_enabled(grad):
             act = self.part(trained.input_ids.to(dev), trained.attention_mask.to(dev))
         ref_act = None
-        if paths == "dual":
+        if self.sends_reference:
             # reference path: no gradient ever reaches it (the weights are constants)
-            with self.meter.phase("forward"), torch.no_grad(), lora.no_dropout():
+            with self.meter.phase("forward"), reference_scope(self.part, self.cfg):
                 ref_act = self.part(batch.ref.input_ids.to(dev), batch.ref.attention_mask.to(dev))
         self.pending = Pending(r, act, len(batch)) if grad else None
         return Rows(act=act.detach(), lengths=trained.lengths, y_start=trained.y_start, targets=batch.targets,
@@ -275,10 +320,10 @@ class ClientParty(_Trainable):
                 base = batch.base
                 hidden = model.hidden(base.input_ids.to(dev), base.attention_mask.to(dev))
             with self.meter.phase("loss"):
-                lp, mask, h = head_logprobs(model.head, hidden, base.y_start.to(dev), batch.y_len.to(dev),
-                                            batch.targets.to(dev))
-                tl = token_loss(self.method, self.cfg, lp, mask, h, None, model.lm.lm_head.weight,
-                                batch.targets.to(dev))
+                targets = batch.targets.to(dev)
+                logits, mask, h = head_logits(model.head, hidden, base.y_start.to(dev), batch.y_len.to(dev),
+                                              targets.shape[1])
+                tl = token_loss(self.method, self.cfg, logits, mask, h, None, model.lm.lm_head.weight, targets)
         with self.meter.phase("backward"):
             tl.total.backward()
         self.window_rows += int(tl.valid.sum())
@@ -355,20 +400,27 @@ class ServerParty(_Trainable):
                 hidden = model.hidden(act, mask)
             ref = None
             if self.method.loss == "lesft" and rows.ref_act is not None:
-                with self.meter.phase("forward"), torch.no_grad(), lora.no_dropout():
-                    T2 = rows.ref_act.shape[1]
-                    ref_mask = (torch.arange(T2, device=self.device)[None, :] < rows.ref_lengths[:, None]).long()
-                    ref_hidden = model.hidden(rows.ref_act, ref_mask)
-                    ref_lp, _, ref_h = head_logprobs(model.head, ref_hidden, rows.ref_y_start, rows.y_len, rows.targets)
-                    ref = (ref_lp.exp(), ref_h)
+                with self.meter.phase("forward"):
+                    ref = self.reference(rows)
             with self.meter.phase("loss"):
-                lp, tmask, h = head_logprobs(model.head, hidden, rows.y_start, rows.y_len, rows.targets)
-                tl = token_loss(self.method, self.cfg, lp, tmask, h, ref, model.lm.lm_head.weight, rows.targets)
+                logits, tmask, h = head_logits(model.head, hidden, rows.y_start, rows.y_len, rows.targets.shape[1])
+                tl = token_loss(self.method, self.cfg, logits, tmask, h, ref, model.lm.lm_head.weight, rows.targets)
         with self.meter.phase("backward"):
             tl.total.backward()
         self.window_rows += int(tl.valid.sum())
         grads = [g.to("cpu") for g in split_grad(act.grad, parts)] if want_grad else [None] * len(parts)
         return tl, grads
+
+    def reference(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference path of ``rows`` (on this device) at the target positions:
+        ``(logits [B, Ty, V], final hidden states [B, Ty, H])``, without gradient."""
+        model: ServerModel = self.part  # type: ignore[assignment]
+        with reference_scope(model, self.cfg):
+            T2 = rows.ref_act.shape[1]
+            ref_mask = (torch.arange(T2, device=self.device)[None, :] < rows.ref_lengths[:, None]).long()
+            ref_hidden = model.hidden(rows.ref_act, ref_mask)
+            logits, _, h = head_logits(model.head, ref_hidden, rows.ref_y_start, rows.y_len, rows.targets.shape[1])
+        return logits, h
 
 
 # --------------------------------------------------------------------------- agreement
@@ -376,12 +428,15 @@ class ServerParty(_Trainable):
 
 def run_fingerprint(cfg: Config, source: ModelSource) -> tuple[str, dict]:
     """What a client and the server must agree on, as a hash and as named parts (so a
-    mismatch can be named): base model config, split point, LoRA config, method, seed."""
+    mismatch can be named): base model config, split point, LoRA config, method, the paths
+    and loss (whether the client sends the reference path), the teacher (whether the client's
+    reference forward uses its LoRA), seed."""
     from lesft.split import fingerprint
     from lesft.wire import PROTOCOL_VERSION
 
     k = split_point(source.n_layers, cfg.model.split_ratio)
     parts = {"model": source.spec, "k": k, "lora": lora.settings_dict(cfg.lora), "method": cfg.train.method,
-             "paths": cfg.loss.paths, "seed": cfg.train.seed, "protocol": PROTOCOL_VERSION,
+             "paths": cfg.loss.paths, "loss": cfg.loss.loss, "ref_teacher": cfg.loss.ref_teacher,
+             "seed": cfg.train.seed, "protocol": PROTOCOL_VERSION,
              "max_length": cfg.data.max_length}
     return fingerprint(source, k, parts["lora"], {k_: v for k_, v in parts.items() if k_ != "lora"}), parts

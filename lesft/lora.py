@@ -77,6 +77,24 @@ def no_dropout() -> Iterator[None]:
         _NO_DROPOUT.reset(token)
 
 
+@contextlib.contextmanager
+def adapters_disabled(part: nn.Module) -> Iterator[None]:
+    """Forward passes of ``part`` inside run without its LoRA (the frozen base model); the
+    adapters, their ``requires_grad`` and any gradient stay as they are. A part without LoRA
+    is unchanged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in part.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True  # peft's own switch; enable_adapters() would also touch requires_grad
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._disable_adapters = b
+
+
 class KeyedDropout(nn.Module):
     """Dropout whose mask for row b comes from ``(row_keys[b], salt)``.
 

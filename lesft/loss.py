@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -119,18 +120,181 @@ def sft_token_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> TokenLoss:
 
 
 def lesft_token_loss(logprobs: torch.Tensor, ref_probs: torch.Tensor, ref_vectors: torch.Tensor,
-                     mask: torch.Tensor, cfg: LossConfig = LossConfig()) -> TokenLoss:
+                     mask: torch.Tensor, cfg: LossConfig = LossConfig(), *,
+                     cluster_vectors: torch.Tensor | None = None) -> TokenLoss:
     """LESFT on aligned targets: ``logprobs [B, T]`` of the trained path (with grad),
-    ``ref_probs [B, T]`` and ``ref_vectors [B, T, D]`` of the weighting path (no grad)."""
+    ``ref_probs [B, T]`` and ``ref_vectors [B, T, D]`` of the weighting path (no grad).
+
+    ``cfg.loss == "nlft"`` adds the plain NLL with weight 1 (see :func:`nlft_clusters` for
+    what else NLFT's code does); ``cfg.sim_rule == "nlft"`` finds the sub-salient tokens with
+    NLFT's contiguous clusters over ``cluster_vectors [B, T, D]`` (the trained path's final
+    hidden states) instead of the paper's rule over ``ref_vectors``."""
     with torch.no_grad():
-        vectors = ref_vectors if ref_vectors.dtype == torch.float64 else ref_vectors.float()
-        vectors = center(vectors, mask) if cfg.sim_vectors == "centered" else vectors
-        classes = classify_tokens(ref_probs, vectors, mask, cfg.p_sal, cfg.sim_threshold)
+        if cfg.sim_rule == "nlft":
+            if cluster_vectors is None:
+                raise ValueError("sim_rule='nlft' needs cluster_vectors (final hidden states of the trained path)")
+            salient = (ref_probs > cfg.p_sal) & mask.bool()
+            sub = nlft_clusters(cluster_vectors, salient, mask, cfg.nlft_distance) & ~salient
+            classes = salient.long() * SALIENT + sub.long() * SUBSALIENT
+        else:
+            vectors = ref_vectors if ref_vectors.dtype == torch.float64 else ref_vectors.float()
+            vectors = center(vectors, mask) if cfg.sim_vectors == "centered" else vectors
+            classes = classify_tokens(ref_probs, vectors, mask, cfg.p_sal, cfg.sim_threshold)
         weights = token_weights(ref_probs, classes, cfg.p_sal, cfg.gammas)
     rows, valid = row_losses(logprobs, weights, mask, cfg.lesft_norm)
-    if cfg.lesft_nll_mix:
-        rows = rows + cfg.lesft_nll_mix * row_losses(logprobs, torch.ones_like(logprobs), mask)[0]
+    mix = 1.0 if cfg.loss == "nlft" else cfg.lesft_nll_mix
+    if mix:
+        rows = rows + mix * row_losses(logprobs, torch.ones_like(logprobs), mask)[0]
     return TokenLoss(rows, valid, classes, weights, _stats(logprobs, mask, classes, weights))
+
+
+# --------------------------------------------------------------------------- loss variants
+# What each computes, and why, is in the README section "Loss variants". Every variant is a
+# function of the two paths at the aligned target positions; the reference path's numbers
+# enter only as constants (stop-gradient), so no gradient ever reaches it.
+
+
+def nlft_clusters(vectors: torch.Tensor, salient: torch.Tensor, mask: torch.Tensor,
+                  distance: float = 0.4) -> torch.Tensor:
+    """NLFT's token clusters (``token_cluster`` of its released code), per row: ``BoolTensor[B, T]``
+    of the tokens in the cluster of some salient token (the salient tokens included).
+
+    From each salient token ``s`` (in order) the cluster grows contiguously to the left,
+    then to the right, over the row's masked-in tokens: a neighbour ``j`` joins while
+    ``1 - cos(centre, v_j) > distance`` and then ``centre = (centre + v_j) / 2``; the first
+    neighbour that fails stops that direction. The centre starts at ``v_s`` and is carried
+    from the left sweep into the right one, as in the code. The direction is the code's:
+    its variable is named ``similarity`` but holds ``measure_hidden_state_distance(...,
+    'cosine')`` = 1 - cosine similarity, and it expands while that is > x = 0.4, i.e. it
+    gathers neighbours that are *dissimilar* (cos < 0.6) to the centre. We keep that literal
+    behaviour (``nlft`` is NLFT's released rule, not a corrected one). Two deliberate
+    differences: clusters stay inside a row (NLFT flattens the batch's tokens, so a cluster
+    can run into the next example), and cosines use a 1e-8 floor on the norm product.
+    ``vectors`` are used raw (NLFT does not centre them). A sequential rule, so a Python loop
+    over tokens; the vectors go to float64 on the CPU first (the same numbers in every process).
+    """
+    out = torch.zeros(mask.shape, dtype=torch.bool)
+    vecs = vectors.detach().to("cpu", torch.float64)
+    sal, m = salient.bool().cpu(), mask.bool().cpu()
+    for b in range(mask.shape[0]):
+        idx = m[b].nonzero().squeeze(-1).tolist()
+        row = vecs[b, idx].numpy()
+        n = len(idx)
+        member = [False] * n
+        for s in (j for j in range(n) if bool(sal[b, idx[j]])):
+            centre = row[s]
+            for step, stop in ((-1, -1), (1, n)):
+                j = s + step
+                while j != stop:
+                    cos = float(centre @ row[j]) / max(float(np.linalg.norm(centre) * np.linalg.norm(row[j])), 1e-8)
+                    if 1.0 - cos <= distance:
+                        break
+                    member[j] = True
+                    centre = (centre + row[j]) / 2
+                    j += step
+            member[s] = True
+        for j in range(n):
+            out[b, idx[j]] = member[j]
+    return out.to(mask.device)
+
+
+def _masked_row_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean of ``values [B, T]`` over the masked-in tokens: ``(rows [B], has_tokens [B])``."""
+    m = mask.to(values.dtype)
+    return (values * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0), mask.bool().any(dim=-1)
+
+
+def _nll_stats(logprobs: torch.Tensor, mask: torch.Tensor, ref_logprobs: torch.Tensor | None = None) -> dict:
+    out = _stats(logprobs, mask, None, None)
+    if ref_logprobs is not None:
+        out["ref_nll"] = float(-(ref_logprobs.detach() * mask).sum() / max(out["tokens"], 1))
+    return out
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def kd_token_loss(logits: torch.Tensor, ref_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  lam: float = 1.0, tau: float = 1.0, topk: int = 0, smooth: bool = False) -> TokenLoss:
+    """``kd``: plain NLL + ``lam * tau^2 * KL(q || softmax(z / tau))`` per token, row means.
+
+    ``logits [B, T, V]`` are the trained path's ``z`` at the positions predicting each target
+    ``ids [B, T]`` (with grad), ``ref_logits [B, T, V]`` the reference path's ``z~`` there (the
+    teacher; used as a constant). ``q = softmax(z~ / tau)``; with ``topk = k > 0``, ``q`` is the
+    teacher renormalised over its top k tokens and the KL runs over those k:
+    ``sum_{i in top k} q_i (log q_i - log p_i)`` with the student's ``log p`` still normalised
+    over the whole vocabulary (so the term is >= 0, and it is the full KL at k = V).
+
+    ``smooth=True`` is the label-smoothing control: ``q`` keeps the teacher's tempered
+    probability ``P~_t`` on the target and spreads ``1 - P~_t`` uniformly over the other
+    ``V - 1`` tokens. It has kd's confidence on every token but carries no teacher
+    information about the other tokens, so kd minus smooth measures the teacher's "dark
+    knowledge". (Classic uniform smoothing with a constant epsilon would differ from kd in
+    the target's mass too, and could not tell the two effects apart.) ``topk`` is not used.
+
+    Stats: ``kl`` is the mean per-token KL (at ``tau``, without ``lam * tau^2``)."""
+    z, pick = _at_least_fp32(logits), ids[..., None]
+    plain = torch.log_softmax(z, dim=-1)
+    nll_lp = plain.gather(-1, pick).squeeze(-1)
+    student = plain if tau == 1.0 else torch.log_softmax(z / tau, dim=-1)
+    with torch.no_grad():
+        teacher_z = _at_least_fp32(ref_logits.detach())
+        ref_lp = torch.log_softmax(teacher_z, dim=-1).gather(-1, pick).squeeze(-1)
+        teacher_z = teacher_z if tau == 1.0 else teacher_z / tau
+        teacher = torch.log_softmax(teacher_z, dim=-1)
+    if smooth:
+        V = z.shape[-1]
+        with torch.no_grad():
+            p_t = teacher.gather(-1, pick).squeeze(-1).exp()
+            rest = (1.0 - p_t).clamp(min=0.0)
+            neg_entropy = torch.xlogy(p_t, p_t) + torch.xlogy(rest, rest / (V - 1))
+        s_t = student.gather(-1, pick).squeeze(-1)
+        kl = neg_entropy - (p_t * s_t + rest / (V - 1) * (student.sum(dim=-1) - s_t))
+    elif topk:
+        with torch.no_grad():
+            vals, idx = teacher_z.topk(min(topk, z.shape[-1]), dim=-1)
+            q_log = torch.log_softmax(vals, dim=-1)
+        kl = (q_log.exp() * (q_log - student.gather(-1, idx))).sum(dim=-1)
+    else:
+        kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    nll_rows, valid = _masked_row_mean(-nll_lp, mask)
+    kl_rows, _ = _masked_row_mean(kl, mask)
+    rows = nll_rows + (lam * tau * tau) * kl_rows
+    stats = _nll_stats(nll_lp, mask, ref_lp)
+    if stats["tokens"]:
+        stats["kl"] = float(kl.detach()[mask.bool()].mean())
+    return TokenLoss(rows, valid, stats=stats)
+
+
+def excess_token_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                      lam: float = 1.0, clip: float = 2.0) -> TokenLoss:
+    """``excess``: weights ``w = 1 + lam * clip(log P~ - log P, 0, c) / c`` (constants), row loss
+    ``sum w * (-log P) / sum w``: up-weight the tokens the answer-conditioned path knows and the
+    trained path does not yet. ``lam = 0`` is the plain NLL."""
+    with torch.no_grad():
+        gap = (ref_logprobs.detach() - logprobs.detach()).clamp(min=0.0, max=clip)
+        weights = 1.0 + lam * gap / clip
+    rows, valid = row_losses(logprobs, weights, mask, norm="weights")
+    stats = _nll_stats(logprobs, mask, ref_logprobs)
+    m = mask.bool()
+    if stats["tokens"]:
+        stats["weight_mean"] = float(weights[m].mean())
+        stats["frac_upweighted"] = float((weights[m] > 1.0).double().mean())
+    return TokenLoss(rows, valid, weights=weights, stats=stats)
+
+
+def power_token_loss(logprobs: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0) -> TokenLoss:
+    """``power``: per token ``(1 - P^alpha) / alpha``, mean per row. Its gradient is
+    ``-P^alpha * d log P``: tokens the model finds unlikely count less (alpha -> 0 is the NLL;
+    alpha = 1 has DFT's gradient ``-P * d log P``). One path only: no reference is needed.
+    ``weight_mean`` logs the mean effective gradient weight ``P^alpha``."""
+    per_token = -torch.expm1(alpha * logprobs) / alpha
+    rows, valid = _masked_row_mean(per_token, mask)
+    stats = _stats(logprobs, mask, None, None)
+    if stats["tokens"]:
+        stats["weight_mean"] = float((alpha * logprobs.detach()[mask.bool()]).exp().mean())
+    return TokenLoss(rows, valid, stats=stats)
 
 
 # --------------------------------------------------------------------------- alignment

@@ -50,10 +50,18 @@ ADAPTER_FILES = {
 }
 
 
+# loss variants of method lesft (README "Loss variants") run as extra cases: case -> settings
+# (power sends no reference path: the FORWARD differs)
+LOSS_CASES = {"lesft+kd": dict(loss="kd", ref_teacher="base", kd_tau=2.0), "lesft+excess": dict(loss="excess"),
+              "lesft+power": dict(loss="power", power_alpha=0.5)}
+
+
 def make_config(root: Path, method: str, run_id: str):
-    return build_config(cli=dict(model=MODEL, method=method, runs_dir=str(root), run_id=run_id, rounds=ROUNDS,
-                                 clients=CLIENTS, samples_per_client=4, max_length=64, lr=1e-2, grad_accum=2,
-                                 aggregate_every=2, microbatch_wait_ms=60000, device="cpu", done_linger_s=0.5),
+    extra = LOSS_CASES.get(method, {})
+    return build_config(cli=dict(model=MODEL, method=method.split("+")[0], runs_dir=str(root), run_id=run_id,
+                                 rounds=ROUNDS, clients=CLIENTS, samples_per_client=4, max_length=64, lr=1e-2,
+                                 grad_accum=2, aggregate_every=2, microbatch_wait_ms=60000, device="cpu",
+                                 done_linger_s=0.5, **extra),
                         env={})
 
 
@@ -101,18 +109,19 @@ def round_records(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- every method
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", ALL + tuple(LOSS_CASES))
 def test_pipeline_reproduces_the_inprocess_trainer(runs, method):
     # Execute
     result = runs.pipeline(method)
     expected = runs.inprocess(method)
+    kind = method.split("+")[0]
 
     # Assert: the processes of the method ran and ended well, and wrote what the trainer writes
-    assert set(result.returncodes) == PROCESSES[method]
+    assert set(result.returncodes) == PROCESSES[kind]
     assert all(code == 0 for code in result.returncodes.values()), result.returncodes
-    assert set(result.summary["workers"]) == PROCESSES[method]
-    assert adapter_names(result.run_dir) == adapter_names(expected.run_dir) == ADAPTER_FILES[method]
-    for name in ADAPTER_FILES[method]:
+    assert set(result.summary["workers"]) == PROCESSES[kind]
+    assert adapter_names(result.run_dir) == adapter_names(expected.run_dir) == ADAPTER_FILES[kind]
+    for name in ADAPTER_FILES[kind]:
         got, want = lora.load_adapters(result.run_dir / name), lora.load_adapters(expected.run_dir / name)
         assert got.keys() == want.keys(), name
         for key in want:
@@ -228,6 +237,23 @@ def test_lesft_weights_tokens_and_sends_the_reference_path(runs):
     lesft_bwd = worker(result, "server-0")["bytes_sent"]["backward"]
     sft_bwd = worker(runs.pipeline("splitlora"), "server-0")["bytes_sent"]["backward"]
     assert abs(lesft_bwd - sft_bwd) < 100 * CLIENTS * ROUNDS
+
+
+@pytest.mark.parametrize("case,stat", [("lesft+kd", "kl"), ("lesft+excess", "weight_mean"),
+                                       ("lesft+power", "weight_mean")])
+def test_loss_variants_log_their_statistics_every_round(runs, case, stat):
+    rounds = round_records(runs.pipeline(case).run_dir / "server-0.jsonl")
+    assert [r["round"] for r in rounds] == list(range(ROUNDS))
+    low, high = {"lesft+kd": (0.0, float("inf")), "lesft+excess": (1.0, 2.0), "lesft+power": (0.0, 1.0)}[case]
+    assert all(low <= r[stat] <= high for r in rounds)
+    assert all(("ref_nll" in r) == (case != "lesft+power") and "frac_salient" not in r for r in rounds)
+    if case == "lesft+power":  # no reference path on the wire: the FORWARDs are splitlora's size
+        power_fwd = worker(runs.pipeline(case), "server-0")["bytes_received"]["forward"]
+        sft_fwd = worker(runs.pipeline("splitlora"), "server-0")["bytes_received"]["forward"]
+        assert abs(power_fwd - sft_fwd) < 200 * CLIENTS * ROUNDS
+    # the server's per-round figures are the trainer's
+    trainer_rounds = round_records(runs.inprocess(case).run_dir / "trainer-0.jsonl")
+    assert [r[stat] for r in rounds] == pytest.approx([r[stat] for r in trainer_rounds], rel=1e-6)
 
 
 def test_fedavg_sends_no_activations_and_trains_every_layer(runs):

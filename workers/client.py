@@ -180,9 +180,8 @@ class Client(Worker):
         if self.server is None:
             return float(self.party.local_step(r).loss.detach())
         rows = self.party.forward(r)
-        paths = self.cfg.loss.paths if self.method.loss == "lesft" else "base"
         reply = self.ask(self.server, MsgType.FORWARD, {MsgType.BACKWARD}, r,
-                         {"paths": paths, "want_grad": self.method.client_trains}, rows.tensors(),
+                         {"paths": self.party.wire_paths, "want_grad": self.method.client_trains}, rows.tensors(),
                          float_dtype=self.cfg.net.wire_dtype)
         try:
             wire.check_backward(reply, tuple(rows.act.shape) if self.method.client_trains else None)
