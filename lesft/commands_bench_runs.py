@@ -10,7 +10,7 @@ import typer
 
 from lesft.cli import console
 from lesft.cli_options import config_command, fail
-from lesft.commands_bench import _out_dir, _print_targets, bench_app
+from lesft.commands_bench import _out_dir, _print_targets, _threads, bench_app
 from lesft.config import Config
 
 _MEM_HELP = "memory: peak RSS per process (CPU), torch.cuda.max_memory_allocated (GPU)"
@@ -229,6 +229,7 @@ def accuracy_command(
     out_dir = _out_dir(out, "accuracy", cfg)
     cells = [c for d in sets for c in _cells(names, {"dataset": d}, seed_list)]
     validate_cells(cfg, cells)
+    _threads(cfg)
     progress, tick = _grid_progress(len(cells))
     with progress:
         rows = run_grid(cfg, cells, out_dir, progress=tick, eval_split="test", limit=limit,
@@ -286,6 +287,7 @@ def sweep_command(
     out_dir = _out_dir(out, f"sweep-{name}", cfg)
     cells = [c for v in values for c in _cells(names, {name: v}, seed_list)]
     validate_cells(cfg, cells)  # fail before hours of training on a bad value
+    _threads(cfg)
     progress, tick = _grid_progress(len(cells))
     with progress:
         rows = run_grid(cfg, cells, out_dir, progress=tick, eval_split="test", limit=limit,
