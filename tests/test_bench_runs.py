@@ -96,3 +96,13 @@ def test_pipeline_bench_and_summary(tmp_path):
     assert row["max_rel_diff_server"] <= 1e-5 and row["max_rel_diff_client"] <= 1e-5
     res = invoke("summary", "--run", str(tmp_path / "runs" / "pipeline"), "--eval-n", "2", "--max-new-tokens", "3")
     assert "accuracy before" in res.output and "accuracy after" in res.output and "bytes client" in res.output
+
+
+def test_summary_names_the_loss_and_why():
+    from lesft.commands_run import _loss_line
+    from lesft.config import Config
+
+    line = _loss_line(Config().replace(loss="kd", note="kd learns from the reference path"))
+    assert line.startswith("kd (") and line.endswith(": kd learns from the reference path")
+    assert _loss_line(Config().replace(lesft_nll_mix=1.0)).startswith("lesft + 1 x NLL")
+    assert _loss_line(Config().replace(method="splitlora")).startswith("nll")
