@@ -177,6 +177,21 @@ def _eval_device(cfg: Config) -> str:
     return str(resolve_device(cfg.train.device))
 
 
+_EVAL_KEYS = {"limit": "n", "max_new_tokens": "max_new_tokens", "first_line": "first_line"}
+
+
+def _check_same_evaluation(record: dict, path: Path, kwargs: Mapping) -> None:
+    """A finished cell evaluated otherwise (another --limit, --max-new-tokens, --first-line)
+    must not be mixed into this grid."""
+    from lesft.config import ConfigError
+
+    for arg, key in _EVAL_KEYS.items():
+        if arg in kwargs and key in record and record[key] != kwargs[arg]:
+            flag = "--" + arg.replace("_", "-")
+            raise ConfigError(f"{path} was evaluated with {flag} {record[key]}, this grid asks {kwargs[arg]}: "
+                              "pass the same value, or another --out for a new grid.")
+
+
 def validate_cells(cfg: Config, cells: Sequence[Cell]) -> None:
     """Fail (ConfigError, one line) before hours of training if a cell's settings are invalid."""
     for cell in cells:
@@ -198,6 +213,7 @@ def run_grid(cfg: Config, cells: Sequence[Cell], out_dir: Path, *,
         cached = path.is_file()
         if cached:
             record = json.loads(path.read_text())
+            _check_same_evaluation(record, path, kwargs)
         elif finished_only:
             continue
         else:

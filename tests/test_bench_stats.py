@@ -125,3 +125,17 @@ def test_grid_with_seeds_resumes_without_recomputing(tmp_path):
     assert stored["per_question"] == [0, 1, 0, 1, 0, 1]
     calls.clear()
     assert len(run_grid(Config(), cells, tmp_path, run=fake_run, finished_only=True)) == 7 and not calls
+
+
+def test_grid_refuses_cells_evaluated_otherwise(tmp_path):
+    from lesft.config import ConfigError
+
+    def fake_run(cfg, cell, out_dir, **kw):
+        return {"key": cell.key, "method": cell.method, "n": kw["limit"], "max_new_tokens": kw["max_new_tokens"],
+                "per_question": [1] * kw["limit"], "accuracy": 1.0}
+
+    cells = [Cell("splitlora", {"dataset": "synthetic"}, seed=0)]
+    run_grid(Config(), cells, tmp_path, run=fake_run, limit=4, max_new_tokens=8)
+    run_grid(Config(), cells, tmp_path, run=fake_run, limit=4, max_new_tokens=8)  # same evaluation: reused
+    with pytest.raises(ConfigError, match="--limit 4"):
+        run_grid(Config(), cells, tmp_path, run=fake_run, limit=5, max_new_tokens=8)
