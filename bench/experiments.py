@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,10 @@ def run_cell(cfg: Config, cell: Cell, out_dir: Path, *, eval_split: str, limit: 
     adapter, loss, tokens = None, None, 0
     if method != "base":
         from lesft.report import round_records
+
+        stale = Path(c.run.runs_dir) / c.run.run_id
+        if stale.is_dir():  # an interrupted earlier try of this cell (it has no cell file): start afresh
+            shutil.rmtree(stale)
 
         if pipeline:
             from workers.launch import launch
