@@ -25,7 +25,7 @@ _DESCRIBE = {
 
 
 def _command() -> str:
-    argv = sys.argv[1:]
+    argv = [a for a in sys.argv[1:] if a != "--finished-only"]  # the command that computes the grid
     return "lesft " + shlex.join(argv) if argv else "(run from Python)"
 
 
