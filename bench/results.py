@@ -91,6 +91,10 @@ def render(out_dir: Path, rows: Sequence[Mapping], stats_by_dataset: Mapping[str
         v = _verdicts(stats, baseline)
         by = {st["method"]: st for st in stats}
         lines += ["", "### What the numbers say", ""]
+        if not any(v.values()):
+            lines += [f"No trained method has a finished cell that pairs with {baseline} yet: nothing is "
+                      "compared so far (see the missing cells below).", ""]
+            continue
         lines.append(f"- Beat {baseline} (paired 95% interval above 0): "
                      f"{', '.join(v['above']) if v['above'] else 'none'}.")
         lines.append(f"- Worse than {baseline} (interval below 0): {', '.join(v['below']) if v['below'] else 'none'}.")
