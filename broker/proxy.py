@@ -1,9 +1,19 @@
-"""The broker: a ROUTER (clients' DEALERs connect) <-> DEALER (the server connects) proxy.
+"""The broker: a ROUTER (clients' DEALERs connect) <-> ROUTER (the server's DEALER connects) proxy.
 
 It forwards whole multipart messages both ways without decoding them, so no content can
 crash it; it counts messages and bytes per direction and stops cleanly on SIGTERM. The
 adapter broadcast does not pass here: the aggregator publishes on its own PUB socket
 (it belongs to another organisation than the server, paper sec. 3.2).
+
+Requests go to the server by its routing id (``lesft-server``), never round-robin to
+whatever connected to the backend: a stray connection (a port scanner, an HTTP request,
+which libzmq takes for a ZMTP/1.0 peer) receives nothing, and only the peer holding that
+id can answer clients. libzmq gives an id to the first live connection that claims it
+(a second one is refused until the first is gone), so a restarted server gets it back.
+With CurveZMQ only the server's key can connect to the backend at all; in plaintext
+mode a local process that connects first with that id can pose as the server
+(docs/security.md). Messages above the frame or byte ceiling are dropped as they are
+read (frame by frame), never forwarded.
 
 With CurveZMQ (``--keys-dir``) it is also where a client's identity is fixed: the ZAP
 User-Id of a frontend message (``client-<i>``, from the key that sent it) goes to the
@@ -19,7 +29,9 @@ import zmq
 
 from lesft.config import Config
 from workers import curve
-from workers.common import Worker, frames_bytes, make_socket
+from workers.common import (ENVELOPE_FRAMES, SERVER_ROUTING_ID, Oversized, Worker, frames_bytes, make_socket,
+                            recv_bounded)
+from lesft.wire import Limits
 
 
 class Broker(Worker):
@@ -31,7 +43,11 @@ class Broker(Worker):
     def run(self) -> int:
         net = self.cfg.net
         front = make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.broker_frontend, identity="broker")
-        back = make_socket(self.ctx, zmq.DEALER, self.cfg, bind=net.broker_backend, identity="broker")
+        back = make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.broker_backend, identity="broker")
+        back.setsockopt(zmq.ROUTER_MANDATORY, 1)  # no server connected: the send fails and is counted
+        lim = Limits()
+        self.max_frames = lim.max_frames + ENVELOPE_FRAMES
+        self.max_bytes = net.max_message_mb * 2**20 + lim.max_header_bytes + 4096
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)
@@ -56,27 +72,39 @@ class Broker(Worker):
     def _forward(self, src: zmq.Socket, dst: zmq.Socket, direction: str) -> None:
         for _ in range(1000):  # drain a burst, but keep the other direction served
             try:
-                frames = src.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_bounded(src, self.max_frames, self.max_bytes, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            except Oversized as e:
+                self.meter.received(direction, e.nbytes)
+                self.meter.count(f"dropped.too_large.{direction}")
+                continue
             n = frames_bytes(frames)
             self.meter.received(direction, n)
-            frames = self._identify(frames) if direction == "to_server" else curve.strip_stamps(frames, 1)
+            frames = self._identify(frames) if direction == "to_server" else self._from_server(frames)
             if frames is None:
                 self.meter.count(f"dropped.{direction}")
                 continue
             try:
                 dst.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 self.meter.sent(direction, n)
-            except zmq.Again:  # no server connected yet / peer gone: the client will retry
+            except (zmq.Again, zmq.ZMQError):  # no server connected yet / peer gone: the client will retry
                 self.meter.count(f"dropped.{direction}")
 
+    def _from_server(self, frames: list) -> list | None:
+        """A backend message goes to a client only when the server sent it (its routing id)."""
+        if len(frames) < 2 or frames[0].bytes != SERVER_ROUTING_ID:
+            self.meter.count("dropped.not_server")
+            return None
+        return curve.strip_stamps(frames[1:], 1)
+
     def _identify(self, frames: list) -> list | None:
-        """Stamp a client's message with the id its CurveZMQ key proves (None: drop it)."""
+        """Stamp a client's message with the id its CurveZMQ key proves (None: drop it), and
+        address it to the server."""
         if not self.cfg.net.keys_dir:
-            return curve.stamp(frames, None)
+            return [SERVER_ROUTING_ID, *curve.stamp(frames, None)]
         user = curve.frame_user_id(frames[0])
         if user is None or not curve.CLIENT_NAME.match(user):
             self.meter.count("unauthenticated")
             return None
-        return curve.stamp(frames, user)
+        return [SERVER_ROUTING_ID, *curve.stamp(frames, user)]

@@ -52,6 +52,10 @@ def prepare(*, cfg: Config) -> None:
 def train(inprocess: bool = typer.Option(False, "--inprocess", help="run all parties in this process (reference trainer)"),
           *, cfg: Config) -> None:
     """Fine-tune: the in-process trainer, or the multi-process pipeline over ZeroMQ (default)."""
+    from lesft.trainer import check_local_data
+
+    for own in check_local_data(cfg):  # every client's own file (--client-data), before any party starts
+        console.print(f"own data {own.describe()}", highlight=False)
     if inprocess:
         _train_inprocess(cfg)
     else:

@@ -63,9 +63,14 @@ def eval_command(
     out: Optional[str] = typer.Option(None, "--out", help="per-question JSONL (default: beside the adapter)"),
     first_line: bool = typer.Option(False, "--first-line", help="stop each answer at its first newline "
                                                                "(lesft's training targets are one line)"),
+    answer_regex: Optional[str] = typer.Option(None, "--answer-regex", help="with --data: score the regex's first "
+                                               "group (or whole match) in the output against the completion's"),
+    extract: Optional[str] = typer.Option(None, "--extract", help="with --data: score with a built-in extractor, "
+                                          "gsm8k (numbers) or choice (letters A-E)"),
     gen_batch_size: int = DEFAULT_BATCH,
     *, cfg: Config) -> None:
-    """Greedy-decode a dataset split and report accuracy with its 95% Wilson interval."""
+    """Greedy-decode a dataset split, or your own file (--data test.jsonl), and report accuracy
+    with its 95% Wilson interval."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from lesft.data import load_examples
@@ -81,11 +86,19 @@ def eval_command(
         fail(f"--batch-size {gen_batch_size} is not valid: it must be >= 1.")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    examples = load_examples(cfg.data.dataset, split, n=limit, seed=cfg.data.data_seed,
-                             data_dir=cfg.data.data_dir or None)
     device = resolve_device(cfg.train.device)
     source = source_for(cfg)
-    path = Path(out) if out else default_output(adapter, cfg.data.dataset, split, cfg.run.runs_dir)
+    scorer, name = None, cfg.data.dataset
+    if cfg.data.data:
+        examples, scorer = own_eval_examples(cfg, source.load_tokenizer(), limit, answer_regex, extract)
+        name, split = Path(cfg.data.data).stem, "own"
+        console.print(f"scoring {cfg.data.data} by {scorer.mode} match", highlight=False)
+    elif answer_regex or extract:
+        fail("--answer-regex and --extract score your own file: pass it with --data test.jsonl.")
+    else:
+        examples = load_examples(cfg.data.dataset, split, n=limit, seed=cfg.data.data_seed,
+                                 data_dir=cfg.data.data_dir or None)
+    path = Path(out) if out else default_output(adapter, name, split, cfg.run.runs_dir)
     if path.suffix != ".jsonl":
         fail(f"--out {path} should end in .jsonl (the summary goes beside it as .json).")
     start = time.perf_counter()
@@ -96,11 +109,13 @@ def eval_command(
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("correct {task.fields[correct]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console) as progress:
-        task = progress.add_task(f"eval {cfg.data.dataset}/{split}", total=len(examples), correct=0)
+        task = progress.add_task(f"eval {name}/{split}", total=len(examples), correct=0)
         result = evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
-                          first_line=first_line,
+                          first_line=first_line, scorer=scorer,
                           progress=lambda done, total, correct: progress.update(task, completed=done,
                                                                                  correct=correct))
+    if scorer is not None:
+        result.dataset = f"{cfg.data.data} ({scorer.mode} match)"
     write_records(result, path)
     summary = dict(result.summary(), split=split, model=source.spec, random_weights=source.random_weights,
                    adapter=str(adapter) if adapter else None, limit=limit, data_seed=cfg.data.data_seed,
@@ -109,6 +124,21 @@ def eval_command(
     summary_path = write_summary(summary, path.with_suffix(".json"))
     _print_result(result, summary, source.label)
     console.print(f"records: {path}\nsummary: {summary_path}", highlight=False)
+
+
+def own_eval_examples(cfg: Config, tokenizer, limit: int | None, answer_regex: str | None = None,
+                      extract: str | None = None):
+    """The examples of the held-out file ``--data`` (a seeded sample of ``limit``) and their scorer."""
+    import random
+
+    from lesft.data.files import Scorer, load_data_file
+
+    scorer = Scorer(answer_regex, extract)
+    examples = load_data_file(cfg.data.data, tokenizer, fields=cfg.data.data_fields).examples
+    if limit is not None and limit < len(examples):
+        keep = sorted(random.Random(cfg.data.data_seed).sample(range(len(examples)), limit))
+        examples = [examples[i] for i in keep]
+    return examples, scorer
 
 
 def _print_result(result, summary: dict, model_label: str) -> None:

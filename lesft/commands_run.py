@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -34,7 +35,10 @@ def _loss_line(cfg: Config) -> str:
 def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-id>)"),
             eval_n: int = typer.Option(50, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
             max_new_tokens: int = typer.Option(80, "--max-new-tokens", help="generation budget per question"),
-            batch_size: int = typer.Option(16, "--batch-size", help="questions generated together")) -> None:
+            eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="your own held-out file (JSONL/JSON/"
+                                                     "CSV) for accuracy before/after, exact match of the final answer"),
+            batch_size: int = typer.Option(16, "--batch-size", help="questions generated together"),
+            ) -> None:
     """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
     from lesft.evaluate import evaluate, load_for_eval, probe_loss
     from lesft.data import load_examples
@@ -48,20 +52,26 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
             fail(f"{run}/adapter is missing: the run did not finish (see {run}/logs or the workers' output).")
         source = source_for(cfg)
         tok = source.load_tokenizer()
-        split = "test"
-        examples = load_examples(cfg.data.dataset, split, data_dir=cfg.data.data_dir or None, n=eval_n,
-                                 seed=cfg.data.data_seed)
+        split, name, scorer = "test", cfg.data.dataset, None
+        if eval_data is not None:  # the user's own file (lesft eval --data scores the same way)
+            from lesft.commands_eval import own_eval_examples
+
+            examples, scorer = own_eval_examples(cfg.replace(data=str(eval_data)), tok, eval_n)
+            split, name = "exact final answer", eval_data.name
+        else:
+            examples = load_examples(cfg.data.dataset, split, data_dir=cfg.data.data_dir or None, n=eval_n,
+                                     seed=cfg.data.data_seed)
         results, losses = {}, {}
         for label, adapter in (("before", None), ("after", run / "adapter")):
-            with console.status(f"evaluating {label} fine-tuning on {len(examples)} held-out {cfg.data.dataset} "
+            with console.status(f"evaluating {label} fine-tuning on {len(examples)} held-out {name} "
                                 f"questions"):
                 model = load_for_eval(source, adapter)
                 losses[label] = probe_loss(model, tok, examples, max_length=cfg.data.max_length)
                 results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens, first_line=True,
-                                          batch_size=batch_size)
+                                          scorer=scorer, batch_size=batch_size)
         extra.append((f"held-out target NLL (before -> after)", f"{losses['before']:.4f} -> {losses['after']:.4f}"))
         for label, res in results.items():
-            extra.append((f"accuracy {label} ({res.n} held-out {cfg.data.dataset} {split}, first line)",
+            extra.append((f"accuracy {label} ({res.n} held-out {name} {split}, first line)",
                           f"{100 * res.accuracy:.1f}%  [95% CI {100 * res.ci_low:.1f}–{100 * res.ci_high:.1f}]"))
         for label, res in results.items():
             formatted = sum("the answer is" in r["output"].lower() for r in res.records)

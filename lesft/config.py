@@ -154,8 +154,12 @@ class DataConfig:
     teacher_cot: str = field(default="", metadata={"help": "JSONL of teacher chains to use as y (lesft data distill writes one)"})
     max_length: int = field(default=256, metadata={"help": "maximum tokens of a base or reference sequence"})
     data_seed: int = field(default=0, metadata={"help": "seed of sampling and partitioning"})
+    data: str = field(default="", metadata={"help": "this client's own training file (JSON Lines, JSON or CSV; replaces --dataset), for lesft-worker --role client"})
+    client_data: str = field(default="", metadata={"help": "every client's own file in a local run, {id} = the client id, e.g. 'data/client{id}.jsonl'"})
+    data_fields: str = field(default="", metadata={"help": "field names of your files, e.g. prompt=q,completion=a,reference=r,final_answer=f"})
 
     def __post_init__(self) -> None:
+        self._check_own_data()
         _one_of("dataset", self.dataset, ("synthetic", "synthetic_easy", "gsm8k", "commonsenseqa", "aqua_rat"))
         _one_of("partition", self.partition, ("iid", "dirichlet"))
         _one_of("ref_style", self.ref_style, ("solution", "answer"))
@@ -164,6 +168,20 @@ class DataConfig:
         _positive("dirichlet_alpha", self.dirichlet_alpha)
         if self.max_length < 8:
             raise ConfigError(f"max_length={self.max_length} is too small: use at least 8 tokens (default 256).")
+
+    def _check_own_data(self) -> None:
+        """The own-data settings, without touching the files (server and aggregator never open them)."""
+        from lesft.data.files import parse_fields
+        from lesft.data.records import DataError
+
+        try:
+            parse_fields(self.data_fields)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+        template = self.client_data
+        if template and ("{id}" not in template and self.clients > 1 or "{" in template.replace("{id}", "")):
+            raise ConfigError(f"client_data={template!r} is not valid: it needs {{id}} (the client id) and no other "
+                              "braces, e.g. --client-data 'data/client{id}.jsonl'.")
 
 
 @dataclass
@@ -174,7 +192,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=1, metadata={"help": "samples per client per round"})
     grad_accum: int = field(default=4, metadata={"help": "rounds per optimiser step"})
-    epochs: int = field(default=1, metadata={"help": "passes over each client's data"})
+    epochs: int = field(default=1, metadata={"help": "passes over the largest client's data (rounds per epoch: ceil(max |D_i| / batch))"})
     rounds: int = field(default=0, metadata={"help": "total rounds (0: derived from epochs)"})
     aggregate_every: int = field(default=4, metadata={"help": "I: rounds between client adapter aggregations"})
     seed: int = field(default=0, metadata={"help": "seed of LoRA init, dropout and sampling order"})

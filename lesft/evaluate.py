@@ -330,12 +330,15 @@ def newline_ids(tokenizer) -> list[int]:
 
 
 def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_tokens: int = 256, batch_size: int = 16,
-             progress: Callable[[int, int, int], None] | None = None, first_line: bool = False) -> EvalResult:
+             progress: Callable[[int, int, int], None] | None = None, first_line: bool = False,
+             scorer: Callable[[str, Example], tuple[str | None, bool]] | None = None) -> EvalResult:
     """Greedy answers to ``examples`` (one dataset), scored with :mod:`lesft.answers`.
 
     ``progress(done, total, correct_so_far)`` is called as answers finish. Records keep
     the order of ``examples``. ``first_line`` stops each answer at its first newline (the
-    training targets are one line), which makes evaluation much faster.
+    training targets are one line), which makes evaluation much faster. ``scorer(output,
+    example) -> (prediction, correct)`` replaces the dataset's extractor (a user's own file,
+    :class:`lesft.data.files.Scorer`).
     """
     if not examples:
         raise DataError("no examples to evaluate: check --limit and the dataset split.")
@@ -343,12 +346,16 @@ def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_token
     if len(datasets) > 1:
         raise DataError(f"evaluate one dataset at a time (got {', '.join(sorted(datasets))}).")
     dataset = examples[0].dataset
+    if scorer is None:
+        def scorer(text: str, ex: Example) -> tuple[str | None, bool]:
+            pred = extract_answer(text, dataset)
+            return pred, is_correct(pred, ex.answer, dataset)
     start = time.perf_counter()
     tally = {"done": 0, "correct": 0}
 
     def on_output(i: int, text: str) -> None:
         tally["done"] += 1
-        tally["correct"] += is_correct(extract_answer(text, dataset), examples[i].answer, dataset)
+        tally["correct"] += scorer(text, examples[i])[1]
         if progress is not None:
             progress(tally["done"], len(examples), tally["correct"])
 
@@ -359,9 +366,9 @@ def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_token
     counts = stats.get("new_tokens") or [0] * len(examples)
     records = []
     for ex, text, n_tok in zip(examples, outputs, counts):
-        pred = extract_answer(text, dataset)
+        pred, ok = scorer(text, ex)
         records.append(dict(uid=ex.uid, kind=ex.kind, prompt=ex.x, output=text, extracted=pred, gold=ex.answer,
-                            correct=is_correct(pred, ex.answer, dataset), new_tokens=n_tok))
+                            correct=ok, new_tokens=n_tok))
     n, correct = len(records), sum(r["correct"] for r in records)
     if progress is not None:
         progress(n, n, correct)

@@ -1,5 +1,7 @@
-"""The dual-path token-weighted loss of LESFT (paper sec. 3.4, eq. 16-17, Algorithm 2)
-and the plain SFT loss of the baselines. Vectorised; no per-token Python loop.
+"""The dual-path token-weighted loss of LESFT (paper sec. 3.4, eq. 16-17, Algorithm 2),
+its variants (``--loss nlft|kd|smooth|excess|power``, README "Loss variants") and the plain
+SFT loss of the baselines. Vectorised; only NLFT's sequential clustering (``--sim-rule
+nlft``) loops, one step per neighbour, over all its sweeps at once.
 
 Shapes: ``B`` rows, ``T`` target tokens per row (padded; ``mask`` marks real ones),
 ``D`` the dimension of the token vectors used for sub-salient clustering.
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -125,10 +126,11 @@ def lesft_token_loss(logprobs: torch.Tensor, ref_probs: torch.Tensor, ref_vector
     """LESFT on aligned targets: ``logprobs [B, T]`` of the trained path (with grad),
     ``ref_probs [B, T]`` and ``ref_vectors [B, T, D]`` of the weighting path (no grad).
 
-    ``cfg.loss == "nlft"`` adds the plain NLL with weight 1 (see :func:`nlft_clusters` for
-    what else NLFT's code does); ``cfg.sim_rule == "nlft"`` finds the sub-salient tokens with
-    NLFT's contiguous clusters over ``cluster_vectors [B, T, D]`` (the trained path's final
-    hidden states) instead of the paper's rule over ``ref_vectors``."""
+    ``cfg.loss == "nlft"`` adds the plain NLL with weight 1: NLFT's released rule, whose
+    code returns ``(weighted + NLL) * 10``; the factor 10 is left out, since AdamW's update
+    does not change (up to eps) when the loss is scaled. ``cfg.sim_rule == "nlft"`` finds
+    the sub-salient tokens with NLFT's contiguous clusters over ``cluster_vectors [B, T, D]``
+    (the trained path's final hidden states) instead of the paper's rule over ``ref_vectors``."""
     with torch.no_grad():
         if cfg.sim_rule == "nlft":
             if cluster_vectors is None:
@@ -170,31 +172,37 @@ def nlft_clusters(vectors: torch.Tensor, salient: torch.Tensor, mask: torch.Tens
     behaviour (``nlft`` is NLFT's released rule, not a corrected one). Two deliberate
     differences: clusters stay inside a row (NLFT flattens the batch's tokens, so a cluster
     can run into the next example), and cosines use a 1e-8 floor on the norm product.
-    ``vectors`` are used raw (NLFT does not centre them). A sequential rule, so a Python loop
-    over tokens; the vectors go to float64 on the CPU first (the same numbers in every process).
+    ``vectors`` are used raw (NLFT does not centre them). Each sweep is sequential, but the
+    sweeps of all salient tokens (all rows) advance together, one neighbour per step, in
+    float64 on the CPU (the same numbers in every process). The work is O(salient tokens x
+    cluster length): small when neighbouring states are mostly alike (most sweeps stop at
+    once), up to seconds per batch when nearly every neighbour is dissimilar (random
+    vectors, rows of hundreds of tokens).
     """
-    out = torch.zeros(mask.shape, dtype=torch.bool)
+    m = mask.bool().cpu()
+    B, T = m.shape
     vecs = vectors.detach().to("cpu", torch.float64)
-    sal, m = salient.bool().cpu(), mask.bool().cpu()
-    for b in range(mask.shape[0]):
-        idx = m[b].nonzero().squeeze(-1).tolist()
-        row = vecs[b, idx].numpy()
-        n = len(idx)
-        member = [False] * n
-        for s in (j for j in range(n) if bool(sal[b, idx[j]])):
-            centre = row[s]
-            for step, stop in ((-1, -1), (1, n)):
-                j = s + step
-                while j != stop:
-                    cos = float(centre @ row[j]) / max(float(np.linalg.norm(centre) * np.linalg.norm(row[j])), 1e-8)
-                    if 1.0 - cos <= distance:
-                        break
-                    member[j] = True
-                    centre = (centre + row[j]) / 2
-                    j += step
-            member[s] = True
-        for j in range(n):
-            out[b, idx[j]] = member[j]
+    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)  # each row's tokens first, in order
+    packed = vecs.gather(1, order[..., None].expand(-1, -1, vecs.shape[-1]))
+    member = (salient.bool().cpu() & m).gather(1, order)
+    norms = packed.norm(dim=-1)
+    rows, start = member.nonzero(as_tuple=True)  # one sweep per salient token
+    count = m.sum(dim=1)[rows]
+    centre = packed[rows, start]
+    for step in (-1, 1):  # left, then right from the carried centre
+        j = start + step
+        live = ((j >= 0) & (j < count)).nonzero().squeeze(-1)  # the sweeps still growing
+        while live.numel():
+            r, jj, c = rows[live], j[live], centre[live]
+            v = packed[r, jj]
+            cos = (c * v).sum(-1) / (c.norm(dim=-1) * norms[r, jj]).clamp(min=1e-8)
+            grow = (1.0 - cos) > distance
+            live, r, jj = live[grow], r[grow], jj[grow]
+            member[r, jj] = True
+            centre[live] = (c[grow] + v[grow]) / 2
+            j[live] = jj + step
+            live = live[(j[live] >= 0) & (j[live] < count[live])]
+    out = torch.zeros(B, T, dtype=torch.bool).scatter_(1, order, member) & m
     return out.to(mask.device)
 
 

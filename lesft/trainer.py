@@ -18,6 +18,7 @@ from lesft import lora
 from lesft.aggregate import fedavg
 from lesft.config import Config
 from lesft.data import Example, load_examples, partition
+from lesft.data.files import DataFile, client_data_path, load_data_file, local_data_paths
 from lesft.engine import ClientParty, ServerParty, is_aggregation_round, is_step_round, total_rounds
 from lesft.methods import Method, get_method
 from lesft.metrics import JsonlWriter, Meter
@@ -32,9 +33,47 @@ def make_run_dir(cfg: Config) -> Path:
     return path
 
 
-def client_shards(cfg: Config) -> list[list[Example]]:
-    """Each client's training examples (seeded sample of the train split, then partitioned)."""
+def needs_reference(cfg: Config) -> bool:
+    """Whether the run trains on or weights by the reference input x~ (LESFT, dual or reference path)."""
+    return get_method(cfg.train.method).loss == "lesft" and cfg.loss.paths != "base"
+
+
+def load_client_data(cfg: Config, path: str, tokenizer) -> DataFile:
+    """One client's own file, read whole and checked (see :mod:`lesft.data.files`)."""
+    return load_data_file(path, tokenizer, fields=cfg.data.data_fields, max_length=cfg.data.max_length,
+                          need_reference=needs_reference(cfg))
+
+
+def client_examples(cfg: Config, client_id: int, tokenizer) -> tuple[list[Example], DataFile | None]:
+    """What one client process trains on: its own file (``--data`` / ``--client-data``), or its
+    shard of the built-in data. Only this client's file is opened."""
+    path = client_data_path(cfg.data.data, cfg.data.client_data, client_id)
+    if path is None:
+        return client_shards(cfg)[client_id], None
+    loaded = load_client_data(cfg, path, tokenizer)
+    return loaded.examples, loaded
+
+
+def local_data_files(cfg: Config, tokenizer) -> list[DataFile] | None:
+    """Every client's own file of a run on this machine, all checked before anything starts."""
+    paths = local_data_paths(cfg.data.data, cfg.data.client_data, cfg.data.clients)
+    return None if paths is None else [load_client_data(cfg, p, tokenizer) for p in paths]
+
+
+def check_local_data(cfg: Config) -> list[DataFile]:
+    """Read and check every client's own file of a local run (``lesft train``); DataError on the first problem."""
+    if not (cfg.data.data or cfg.data.client_data):
+        return []
+    return local_data_files(cfg, source_for(cfg).load_tokenizer())
+
+
+def client_shards(cfg: Config, tokenizer=None) -> list[list[Example]]:
+    """Each client's training examples: its own file (``--client-data``), else a seeded sample
+    of the built-in train split, partitioned."""
     d = cfg.data
+    if d.data or d.client_data:
+        files = local_data_files(cfg, tokenizer or source_for(cfg).load_tokenizer())
+        return [f.examples for f in files]
     n = d.clients * d.samples_per_client
     examples = load_examples(d.dataset, "train", data_dir=d.data_dir or None, ref_style=d.ref_style,
                              teacher_cot=d.teacher_cot or None, n=n if not d.dataset.startswith("synthetic") else max(n, 1000),
@@ -108,6 +147,19 @@ def final_outputs(run_dir: Path, cfg: Config, source: ModelSource, method: Metho
     return combine_run(run_dir, cfg, source, method)
 
 
+def client_epochs(n_samples: int, batch_size: int, rounds: int) -> float:
+    """Passes over its own data a client of ``n_samples`` makes in ``rounds`` (smaller clients cycle more)."""
+    from lesft.engine import rounds_per_epoch
+
+    return rounds / rounds_per_epoch(n_samples, batch_size)
+
+
+def client_sizes(sizes: dict[int, int], batch_size: int, rounds: int) -> dict:
+    """Every client's ``n_samples`` and epochs, as the trainer, server and aggregator record them."""
+    return {"n_samples": dict(sorted(sizes.items())),
+            "epochs": {c: client_epochs(n, batch_size, rounds) for c, n in sorted(sizes.items())}}
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -124,7 +176,7 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
     method = get_method(cfg.train.method)
     source = source or source_for(cfg)
     tok = source.load_tokenizer()
-    shards, batch_size = party_layout(method, cfg, client_shards(cfg))
+    shards, batch_size = party_layout(method, cfg, client_shards(cfg, tok))
     run_dir = make_run_dir(cfg)
     cfg.save(run_dir / "config.json")
     meter = Meter("trainer", 0)
@@ -172,6 +224,7 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
         client_ad = {}
     final_outputs(run_dir, cfg, source, method, server_ad, client_ad)
     wall = time.perf_counter() - t0
-    log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall})
+    log.write({"event": "final", **meter.snapshot(), "rounds": rounds, "wall_s": wall,
+               **client_sizes({c.client_id: c.n_samples for c in clients}, batch_size, rounds)})
     log.close()
     return RunResult(run_dir, history, server_ad, client_ad, wall)

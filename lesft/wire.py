@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 import torch
@@ -59,6 +59,11 @@ _DTYPE_CODES = {dt: code for code, dt in ALLOWED_DTYPES.items()}
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 INDEX_DTYPES = frozenset({torch.int32, torch.int64})
 _META_MAX_DEPTH = 16
+# Most tensors a message of each type may carry, checked before any tensor is decoded:
+# activations and their index tensors, a gradient; adapters (UPLOAD, ADAPTERS) may carry up
+# to ``Limits.max_frames``; every other type carries none.
+MAX_TENSORS = {"forward": 16, "backward": 2}
+_MANY_TENSORS = frozenset({"upload", "adapters"})
 
 
 class ErrorCode(str, enum.Enum):
@@ -113,7 +118,8 @@ class Limits:
     """Ceilings `decode` enforces before it allocates or trusts anything."""
 
     max_frames: int = 4096  # header + tensors
-    max_header_bytes: int = 1 << 20
+    max_header_bytes: int = 1 << 18  # a 1,200-tensor adapter upload's specs take ~90 kB
+    max_meta_items: int = 10_000  # values in the meta map, all levels together
     max_tensor_bytes: int = 1 << 31
     max_total_bytes: int = 1 << 31
     max_ndim: int = 4
@@ -153,19 +159,25 @@ def _nbytes(frame: Any) -> int:
     return memoryview(getattr(frame, "buffer", frame)).nbytes
 
 
-def _check_meta(x: Any, path: str, depth: int = 0) -> None:
+def _check_meta(x: Any, path: str, depth: int = 0, budget: list | None = None) -> None:
+    """Types and nesting of a meta value; ``budget`` ([items left]) bounds the work to
+    ``Limits.max_meta_items`` values, so a huge list costs no more than a small one."""
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _fail(ErrorCode.TOO_LARGE, "meta holds too many values (a list or map too long)")
     if depth > _META_MAX_DEPTH:
         raise _fail(ErrorCode.BAD_FIELD, f"meta nested deeper than {_META_MAX_DEPTH} at {path}")
     if x is None or isinstance(x, (bool, int, float, str)):
         return
     if isinstance(x, (list, tuple)):
         for i, v in enumerate(x):
-            _check_meta(v, f"{path}[{i}]", depth + 1)
+            _check_meta(v, f"{path}[{i}]", depth + 1, budget)
     elif isinstance(x, dict):
         for k, v in x.items():
             if not isinstance(k, str):
                 raise _fail(ErrorCode.BAD_FIELD, f"meta key {k!r} at {path} is not a string")
-            _check_meta(v, f"{path}.{k}", depth + 1)
+            _check_meta(v, f"{path}.{k}", depth + 1, budget)
     else:
         raise _fail(ErrorCode.BAD_FIELD, f"meta value at {path} has type {type(x).__name__}")
 
@@ -174,7 +186,7 @@ _HEADER_KEYS = {"v": int, "t": str, "role": str, "id": int, "run": str,
                 "r": int, "seq": int, "m": dict, "ts": list}
 
 
-def _check_header(h: Any) -> None:
+def _check_header(h: Any, limits: "Limits | None" = None) -> None:
     """Validate a header map's keys, types and generic ranges (not the tensor specs)."""
     if not isinstance(h, dict):
         raise _fail(ErrorCode.BAD_HEADER, f"header is a {type(h).__name__}, not a map")
@@ -199,7 +211,10 @@ def _check_header(h: Any) -> None:
     if h["id"] < -1 or h["r"] < -1 or h["seq"] < 0:
         raise _fail(ErrorCode.BAD_FIELD,
                     f"id={h['id']} r={h['r']} seq={h['seq']}: need id>=-1, r>=-1, seq>=0")
-    _check_meta(h["m"], "m")
+    _check_meta(h["m"], "m", budget=[(limits or Limits()).max_meta_items])
+    cap = (limits or Limits()).max_frames if h["t"] in _MANY_TENSORS else MAX_TENSORS.get(h["t"], 0)
+    if len(h["ts"]) > cap:
+        raise _fail(ErrorCode.TOO_LARGE, f"a {h['t']} message carries {len(h['ts'])} tensors, at most {cap}")
 
 
 def _check_specs(ts: list, limits: Limits) -> list[tuple[str, torch.dtype, tuple, int]]:
@@ -289,9 +304,10 @@ def _unpack_header(raw: memoryview, limits: Limits) -> dict:
     if n > limits.max_header_bytes:
         raise _fail(ErrorCode.TOO_LARGE, f"header is {n} bytes, limit {limits.max_header_bytes}")
     try:
+        # msgpack checks each length prefix before it allocates: a long list fails at once
         return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
                                max_bin_len=0, max_ext_len=0, max_str_len=n,
-                               max_array_len=n, max_map_len=n)
+                               max_array_len=min(n, limits.max_frames), max_map_len=min(n, limits.max_frames))
     except Exception as e:  # msgpack raises several unrelated types on hostile input
         raise _fail(ErrorCode.BAD_HEADER, f"header is not valid msgpack: {e}") from e
 
@@ -313,7 +329,7 @@ def _frame_tensor(buf: memoryview, name: str, dtype: torch.dtype, shape: tuple,
     return t
 
 
-def _decode(frames: Sequence, limits: Limits) -> Message:
+def _decode(frames: Sequence, limits: Limits, admit: "Callable[[Message], None] | None" = None) -> Message:
     frames = list(frames)
     if not frames:
         raise _fail(ErrorCode.BAD_FRAMES, "empty message: no header frame")
@@ -324,10 +340,17 @@ def _decode(frames: Sequence, limits: Limits) -> Message:
     except (TypeError, ValueError) as e:
         raise _fail(ErrorCode.BAD_FRAMES, f"a frame is not a contiguous buffer: {e}") from e
     h = _unpack_header(bufs[0], limits)
-    _check_header(h)
+    _check_header(h, limits)
     if len(bufs) - 1 != len(h["ts"]):
         raise _fail(ErrorCode.BAD_FRAMES,
                     f"header lists {len(h['ts'])} tensor frames, got {len(bufs) - 1}")
+    msg = Message(MsgType(h["t"]), h["role"], h["id"], h["run"], h["r"], h["seq"], h["m"], {})
+    if admit is not None:  # the receiver's cheap checks (run id, type, session) before any tensor
+        try:
+            admit(msg)
+        except WireError as e:
+            e.msg = msg
+            raise
     specs = _check_specs(h["ts"], limits)
     tensors = {}
     for (name, dtype, shape, nbytes), buf in zip(specs, bufs[1:]):
@@ -335,18 +358,22 @@ def _decode(frames: Sequence, limits: Limits) -> Message:
             raise _fail(ErrorCode.SIZE_MISMATCH,
                         f"tensor {name!r} {list(shape)} expects {nbytes} bytes, got {buf.nbytes}")
         tensors[name] = _frame_tensor(buf, name, dtype, shape, limits.check_finite)
-    return Message(MsgType(h["t"]), h["role"], h["id"], h["run"], h["r"], h["seq"],
-                   h["m"], tensors)
+    msg.tensors = tensors
+    return msg
 
 
-def decode(frames: Sequence, limits: Limits | None = None) -> Message:
+def decode(frames: Sequence, limits: Limits | None = None,
+           admit: "Callable[[Message], None] | None" = None) -> Message:
     """Frames (``bytes``/``memoryview``/``bytearray``/``zmq.Frame``) -> validated Message.
 
     Raises only `WireError`. Tensors are read-only zero-copy views over the frames (they
-    keep the frames alive); `.clone()` or `.to(...)` them before in-place use.
+    keep the frames alive); `.clone()` or `.to(...)` them before in-place use. ``admit``
+    sees the message without its tensors once the header is valid and may raise
+    `WireError` to refuse it before any tensor is decoded (the error then carries the
+    header-only message as ``e.msg``, so the refusal can answer the right round and seq).
     """
     try:
-        return _decode(frames, limits or Limits())
+        return _decode(frames, limits or Limits(), admit)
     except WireError:
         raise
     except Exception as e:  # never let a hostile message raise anything but WireError

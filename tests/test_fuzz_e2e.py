@@ -538,7 +538,7 @@ class Fuzzer(threading.Thread):
             dict(act=torch.randint(0, 5, (1, 16, h))), dict(targets=torch.rand(1, 4)),  # dtypes
             dict(act=None), dict(extra=torch.zeros(2)), dict(ref_lengths=None),  # tensors
             dict(act=torch.randn(1, 16)), dict(act=torch.randn(1, 0, h), ref_act=torch.randn(1, 0, h)),
-            "paths", "want_grad", "session",
+            "paths", "want_grad", "session", "not_finite", "frame_size",
         ])
         meta = {"paths": "dual", "want_grad": True, "session": self.sessions[0]}
         sender = 0
@@ -550,6 +550,15 @@ class Fuzzer(threading.Thread):
             tensors, meta["want_grad"] = self.forward_tensors(), self.rng.choice(["yes", 1, None])
         elif bad == "session":  # client 1's session on a message of client 0
             tensors, meta["session"] = self.forward_tensors(), self.sessions[1]
+        elif bad == "not_finite":  # tensors are checked only once the sender is known (cheap checks first)
+            act = torch.randn(1, 16, h)
+            act[0, self.rng.randrange(16), self.rng.randrange(h)] = self.rng.choice([math.nan, math.inf, -math.inf])
+            tensors = self.forward_tensors(act=act)
+        elif bad == "frame_size":  # a tensor frame longer than its header says
+            frames = self.frames(self.message(MsgType.FORWARD, sender, r, meta, self.forward_tensors()))
+            i = self.rng.randrange(2, len(frames))
+            frames[i] = frames[i] + self.rng.randbytes(self.rng.randint(1, 64))
+            return "server", frames
         else:
             tensors = self.forward_tensors(**bad)
         return "server", self.frames(self.message(MsgType.FORWARD, sender, r, meta, tensors))

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from lesft import engine, lora
-from lesft.config import ConfigError, LossConfig, build_config
+from lesft.config import Config, ConfigError, LossConfig, build_config
 from lesft.loss import (SALIENT, SUBSALIENT, excess_token_loss, kd_token_loss, lesft_token_loss, nlft_clusters,
                         power_token_loss, sft_token_loss, target_logprobs)
 from lesft.methods import get_method
+from test_loss import ref_weight
 
 SEEDS = (0, 1, 2)
 TOL = 1e-9
@@ -116,13 +117,6 @@ def ref_clusters(vectors, salient, mask, distance) -> list[list[bool]]:
             full[t] = member[j]
         out.append(full)
     return out
-
-
-def ref_weight(p: float, cls: int, p_sal: float, gammas) -> float:
-    g1, g2, g3 = gammas
-    if cls == 2:
-        return 1.0 + ((p - p_sal) / (1.0 - p_sal)) ** g1
-    return (p / p_sal) ** (g2 if cls == 1 else g3)
 
 
 # --------------------------------------------------------------------------- random inputs
@@ -272,6 +266,7 @@ def cluster_case(seed: int, B: int = 3, T: int = 10, D: int = 4):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nlft_clusters_match_reference(seed, distance):
     _, p_ref, vectors, mask = cluster_case(seed)
+    mask[0, 4] = False  # a hole: clusters run over the row's masked-in tokens
     salient = (p_ref > 0.95) & mask
     got = nlft_clusters(vectors, salient, mask, distance)
     assert got.tolist() == ref_clusters(vectors.tolist(), salient.tolist(), mask.tolist(), distance)
@@ -415,7 +410,8 @@ def test_ref_teacher_base_gives_the_logits_of_the_model_without_adapters(tmp_pat
     from lesft.trainer import client_shards
 
     cfg = build_config(cli=dict(model="arch:tiny-qwen2", method="lesft", loss="kd", ref_teacher=teacher, clients=1,
-                                samples_per_client=2, batch_size=2, max_length=64, runs_dir=str(tmp_path)), env={})
+                                samples_per_client=2, batch_size=2, max_length=64, runs_dir=str(tmp_path),
+                                device="cpu"), env={})
     source = resolve(cfg.model.model)
     tok = source.load_tokenizer()
     method = get_method("lesft")
@@ -466,6 +462,8 @@ def test_loss_settings_reach_the_config_from_flags_env_and_toml(tmp_path):
     assert (cfg.loss.loss, cfg.loss.ref_teacher, cfg.loss.kd_topk) == ("kd", "base", 5)
     assert cfg.replace(loss="power", ref_teacher="live").loss.loss == "power"
     assert build_config(cli=dict(loss="kd"), env={}).to_toml().count('loss = "kd"') == 1
+    cfg.save(tmp_path / "config.json")  # a run's config.json reads back (group and leaf share the name)
+    assert Config.load(tmp_path / "config.json") == cfg
 
 
 @pytest.mark.parametrize("kw,match", [

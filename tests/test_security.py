@@ -23,7 +23,7 @@ from lesft.config import Config, ConfigError, build_config
 from lesft.metrics import Meter
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers import curve, security
-from workers.common import Channel, make_socket
+from workers.common import SERVER_ROUTING_ID, Channel, make_socket
 
 
 def tiny_cfg(tmp_path: Path, **over) -> Config:
@@ -163,13 +163,13 @@ def test_broker_stamp_replaces_forgeries_and_never_reaches_the_client(tmp_path, 
     to_server = curve.stamp(forged, "client-0")
     assert to_server == [rid, b"lesft-user:client-0", b"", b"header", b"lesft-user:client-1 (a tensor)"]
     cfg = tiny_cfg(tmp_path, keys_dir=str(keys))
-    envelope, _ = wire.split_envelope([b"\x00broker"] + to_server)  # what the server's ROUTER sees
+    envelope, _ = wire.split_envelope(to_server)  # what the server's DEALER sees
     security.authorise(envelope, 0, cfg)
     with pytest.raises(WireError) as e:
         security.authorise(envelope, 1, cfg)
     assert e.value.code == ErrorCode.UNAUTHORISED
     with pytest.raises(WireError):  # no stamp at all: not through a CurveZMQ broker
-        security.authorise([b"\x00broker", rid, b""], 0, cfg)
+        security.authorise([rid, b""], 0, cfg)
     reply = curve.strip_stamps(to_server, 1)
     assert reply == [rid, b"", b"header", b"lesft-user:client-1 (a tensor)"]
     assert curve.stamp(forged, None)[:3] == [rid, b"", b"header"]  # plaintext: forgeries still dropped
@@ -340,7 +340,8 @@ class FakeServerRun:
                       start(folder / "config.toml", "client", 0, folder, env,
                             ["--broker-frontend", f"tcp://127.0.0.1:{self.tap.port}", "--threads", "1"])]
         self.ctx = zmq.Context()
-        sock = make_socket(self.ctx, zmq.ROUTER, cfg, connect=cfg.net.broker_backend)
+        sock = make_socket(self.ctx, zmq.DEALER, cfg, connect=cfg.net.broker_backend, identity="server",
+                           routing_id=SERVER_ROUTING_ID)
         self.chan = Channel(sock, Meter("server", 0), routed=True)
         self.forward: Message | None = None
 
@@ -397,3 +398,42 @@ def test_eavesdropper_sees_activations_in_plaintext_but_not_under_curve(tmp_path
             r.close()
     assert found["plain"] == (True, True, True)
     assert found["curve"] == (False, False, False)
+
+
+@pytest.mark.parametrize("curve_on", [True, False])
+def test_squat_and_takeover_of_a_client_id(tmp_path, keys, curve_on):
+    """With CurveZMQ an id is bound to its key: a HELLO for client 0 sent with client 1's key
+    is refused whether client 0 has not registered yet (squat) or has gone silent past the
+    takeover window (takeover). Without keys nothing binds an id (docs/security.md): the
+    first session holds it, and a new one takes it only after that silence."""
+    from workers.common import Sessions, Worker
+
+    cfg = tiny_cfg(tmp_path, keys_dir=str(keys) if curve_on else "")
+    worker = Worker(cfg, -1)
+    sessions = Sessions(takeover_after=0.2)
+    admit = worker.admission({MsgType.HELLO: None, MsgType.FORWARD: None}, sessions)
+    stamped = [b"\x00\x01", curve.USER_PREFIX + b"client-1", b""]  # what the broker puts on client 1's messages
+
+    def hello(session: str) -> Message:
+        return Message(MsgType.HELLO, "client", 0, "x", -1, 1, {"client_id": 0, "session": session})
+
+    squat = hello("a" * 32)
+    if curve_on:
+        with pytest.raises(WireError) as e:
+            admit(stamped, squat)
+        assert e.value.code == ErrorCode.UNAUTHORISED
+    else:
+        admit(stamped, squat)  # plaintext: the stamp is not checked, the first HELLO may register
+    sessions.register(0, "b" * 32)  # the real client 0 registers, then falls silent
+    time.sleep(0.3)
+    takeover = hello("c" * 32)
+    if curve_on:
+        with pytest.raises(WireError) as e:
+            admit(stamped, takeover)
+        assert e.value.code == ErrorCode.UNAUTHORISED
+    else:
+        admit(stamped, takeover)
+        sessions.register(0, "c" * 32)  # silent past the window: the new session takes the id
+        with pytest.raises(WireError) as e:  # and the old one can no longer speak for it
+            admit(stamped, Message(MsgType.FORWARD, "client", 0, "x", 0, 2, {"session": "b" * 32}))
+        assert e.value.code == ErrorCode.UNAUTHORISED

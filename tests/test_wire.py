@@ -62,14 +62,21 @@ def roundtrip(msg: Message, float_dtype=None, limits=None) -> Message:
 
 @pytest.mark.parametrize("mtype", list(MsgType))
 def test_roundtrip_every_type(mtype):
+    carries = mtype in (MsgType.FORWARD, MsgType.BACKWARD, MsgType.UPLOAD, MsgType.ADAPTERS)
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     msg = Message(mtype, "server", -1, "r", 2, 9,
-                  {"a": 1, "b": [1.5, "x", None, True], "c": {"d": []}},
-                  {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)})
+                  {"a": 1, "b": [1.5, "x", None, True], "c": {"d": []}}, tensors if carries else {})
     out = roundtrip(msg)
     assert (out.type, out.role, out.sender, out.run_id, out.round, out.seq) == \
            (mtype, "server", -1, "r", 2, 9)
     assert out.meta == msg.meta
-    assert torch.equal(out.tensors["w"], msg.tensors["w"])
+    if carries:
+        assert torch.equal(out.tensors["w"], msg.tensors["w"])
+    else:  # types that carry no tensor refuse one (a cheap bound, checked before any decoding)
+        assert out.tensors == {}
+        with pytest.raises(WireError) as e:
+            encode(Message(mtype, "server", -1, "r", 2, 9, {}, tensors))
+        assert e.value.code == ErrorCode.TOO_LARGE
 
 
 @pytest.mark.parametrize("code", sorted(ALLOWED_DTYPES))
@@ -157,7 +164,7 @@ def test_decode_is_zero_copy_and_documented_read_only():
 
 def test_buffers_outlive_their_sources():
     import gc
-    frames = encode(Message(MsgType.ACK, "server", -1, tensors={"a": torch.arange(1000.0)}))
+    frames = encode(Message(MsgType.UPLOAD, "server", -1, tensors={"a": torch.arange(1000.0)}))
     gc.collect()  # the source tensor is gone; the memoryview keeps its storage alive
     t = decode([bytes(f) for f in frames]).tensors["a"]
     del frames
@@ -168,7 +175,7 @@ def test_buffers_outlive_their_sources():
 def test_unaligned_frame_is_copied_not_misread():
     t = torch.arange(5, dtype=torch.float32)
     raw = bytearray(b"\0" + t.numpy().tobytes())
-    frames = [encode(Message(MsgType.ACK, "server", -1, tensors={"a": t}))[0], memoryview(raw)[1:]]
+    frames = [encode(Message(MsgType.UPLOAD, "server", -1, tensors={"a": t}))[0], memoryview(raw)[1:]]
     assert torch.equal(decode(frames).tensors["a"], t)
 
 
@@ -218,7 +225,7 @@ def test_error_message_roundtrip_and_raise():
 
 
 def test_encode_rejects_bad_messages():
-    rejects(ErrorCode.BAD_DTYPE, encode, Message(MsgType.ACK, "server", -1,
+    rejects(ErrorCode.BAD_DTYPE, encode, Message(MsgType.UPLOAD, "server", -1,
                                                  tensors={"x": torch.zeros(2, dtype=torch.float64)}))
     rejects(ErrorCode.BAD_FIELD, encode, Message(MsgType.ACK, "wizard", -1))
     rejects(ErrorCode.BAD_FIELD, encode, Message(MsgType.ACK, "server", -1, meta={"b": b"x"}))
@@ -394,7 +401,7 @@ def test_reject_not_finite(bad):
 def test_finite_values_whose_sum_overflows_are_accepted():
     t = torch.full((4,), 3e38)
     assert wire.all_finite(t) and not wire.all_finite(torch.tensor([3e38, float("nan")]))
-    assert torch.equal(roundtrip(Message(MsgType.ACK, "server", -1, tensors={"a": t})).tensors["a"], t)
+    assert torch.equal(roundtrip(Message(MsgType.UPLOAD, "server", -1, tensors={"a": t})).tensors["a"], t)
 
 
 def test_reject_not_finite_after_fp16_overflow():
@@ -403,7 +410,7 @@ def test_reject_not_finite_after_fp16_overflow():
 
 
 def test_reject_bool_byte_not_zero_or_one():
-    frames = encode(Message(MsgType.ACK, "server", -1, tensors={"m": torch.ones(3, dtype=torch.bool)}))
+    frames = encode(Message(MsgType.UPLOAD, "server", -1, tensors={"m": torch.ones(3, dtype=torch.bool)}))
     rejects(ErrorCode.OUT_OF_RANGE, decode, [frames[0], b"\x01\x02\x00"])
 
 

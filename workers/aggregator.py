@@ -1,11 +1,14 @@
 """The aggregator role: FedAvg of client adapters, broadcast on PUB.
 
-It binds a ROUTER (HELLO, UPLOAD, FETCH, BYE) and a PUB (ADAPTERS, heartbeats). The PUB
-sends heartbeats from the start, and a client says HELLO only after it has received one,
+It binds a ROUTER (HELLO, UPLOAD, FETCH, BYE) and an XPUB (ADAPTERS, heartbeats). The
+XPUB applies a subscription only for the two topics the clients use (manual mode, each
+frame capped at 4 kB), so a stranger's huge or countless subscriptions
+cost it nothing. It sends heartbeats from the start, and a client says HELLO only after it has received one,
 so every registered client is a live subscriber before the first broadcast (the sync
 step of zguide's pub-sub). When every registered client has uploaded round r, the
 |D_i|-weighted average is saved (atomically) and published with its round; a late or
-restarted client asks for it with FETCH.
+restarted client asks for it with FETCH. Uploads are taken only for rounds inside a small
+window ahead of the last aggregated one, so what a peer can make it keep is bounded.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from lesft.models import source_for
 from lesft.split import split_point
 from lesft.trainer import GLOBAL_CLIENT_FILE
 from lesft.wire import ErrorCode, Message, MsgType, WireError
-from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
+from workers.common import Channel, Inbound, Oversized, Sessions, Worker, check_fingerprint, make_socket, recv_bounded
+
+TOPICS = frozenset({MsgType.ADAPTERS.value.encode(), MsgType.HEARTBEAT.value.encode()})
+SUBSCRIPTION_BYTES = 4096  # frame cap on the XPUB: room for the CurveZMQ handshake, not for a bomb
 
 
 class Aggregator(Worker):
@@ -51,22 +57,32 @@ class Aggregator(Worker):
         self.sessions = Sessions(takeover_after=max(5 * net.heartbeat_s, net.request_timeout_s * (net.retries + 1)))
         self.deadlines: dict[int, float] = {}  # round -> when its first upload arrived
         self.failed: dict[int, str] = {}
+        self.split = method.split
+        self._rounds: int | None = None
 
     def run(self) -> int:
         net = self.cfg.net
         limits = wire.Limits(max_total_bytes=net.max_message_mb * 2**20)
         self.router = Channel(make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.aggregator_address,
-                                          identity="aggregator"), self.meter, routed=True, limits=limits)
-        self.pub = Channel(make_socket(self.ctx, zmq.PUB, self.cfg, bind=net.aggregator_pub, identity="aggregator"),
-                           self.meter,
-                           routed=False, topic=True)
+                                          identity="aggregator"), self.meter, routed=True, limits=limits,
+                              admit=self.admission(self.handlers, self.sessions))
+        xpub = make_socket(self.ctx, zmq.XPUB, self.cfg, bind=net.aggregator_pub, identity="aggregator",
+                           max_frame_bytes=SUBSCRIPTION_BYTES)
+        xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        self.pub = Channel(xpub, self.meter, routed=False, topic=True)
+        poller = zmq.Poller()
+        poller.register(self.router.sock, zmq.POLLIN)
+        poller.register(xpub, zmq.POLLIN)
         self.log.info("aggregating %d clients: uploads on %s, broadcasts on %s", self.expected,
                       net.aggregator_address, net.aggregator_pub)
         next_beat = 0.0
         try:
             while not self.stop.is_set():
-                if self.router.sock.poll(50):
+                events = dict(poller.poll(50))
+                if self.router.sock in events:
                     self.dispatch(self.router.recv())
+                if xpub in events:
+                    self.on_subscriptions(xpub)
                 now = time.monotonic()
                 self.check_stragglers(now)
                 if now >= next_beat:
@@ -82,10 +98,35 @@ class Aggregator(Worker):
             self.finish(aggregations=self.meter.counters.get("aggregations", 0))
         return 0
 
+    @property
+    def handlers(self) -> dict:
+        return {MsgType.HELLO: self.on_hello, MsgType.UPLOAD: self.on_upload, MsgType.FETCH: self.on_fetch,
+                MsgType.BYE: self.on_bye, MsgType.HEARTBEAT: self.on_heartbeat}
+
     def dispatch(self, inbound: Inbound) -> None:
-        self.serve(self.router, inbound, {MsgType.HELLO: self.on_hello, MsgType.UPLOAD: self.on_upload,
-                                          MsgType.FETCH: self.on_fetch, MsgType.BYE: self.on_bye,
-                                          MsgType.HEARTBEAT: self.on_heartbeat}, self.sessions)
+        self.serve(self.router, inbound, self.handlers, self.sessions)
+
+    def on_subscriptions(self, xpub: zmq.Socket) -> None:
+        """Apply (un)subscriptions to the clients' two topics; ignore anything else."""
+        for _ in range(100):
+            try:
+                frames = recv_bounded(xpub, 1, SUBSCRIPTION_BYTES, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except Oversized:
+                self.meter.count("rejected.subscription")
+                continue  # recv_bounded handed the memory back
+            raw = frames[0].bytes
+            if raw[:1] in (b"\x00", b"\x01") and raw[1:] in TOPICS:
+                xpub.setsockopt(zmq.SUBSCRIBE if raw[:1] == b"\x01" else zmq.UNSUBSCRIBE, raw[1:])
+            else:
+                self.meter.count("rejected.subscription")
+
+    def window_end(self) -> int:
+        """The last round an upload may be for: two aggregation periods past the last round
+        aggregated (or failed), so a peer cannot make the aggregator keep far-future rounds."""
+        base = max(self.latest.round if self.latest is not None else -1, max(self.failed, default=-1))
+        return base + 2 * self.cfg.train.aggregate_every
 
     def ack(self, inbound: Inbound, msg: Message, **meta) -> None:
         self.router.send(self.message(MsgType.ACK, msg.round, msg.seq, meta), inbound.envelope)
@@ -98,15 +139,42 @@ class Aggregator(Worker):
         check_fingerprint(msg, self.fingerprint, self.parts)
         self.sessions.register(cid, msg.meta.get("session"), self.log)
         if cid not in self.registered:
-            self.log.info("client %d subscribed (%d/%d)", cid, len(self.registered) + 1, self.expected)
+            self.log.info("client %d subscribed (%d samples, %d/%d)", cid, msg.meta["n_samples"],
+                          len(self.registered) + 1, self.expected)
         self.registered[cid] = msg.meta["n_samples"]
-        self.ack(inbound, msg)
+        rounds = self.rounds()
+        if rounds is None and not self.split:
+            # without a server the clients learn the rounds here, once every size is known
+            # (answered directly: a client waiting for the others is not a rejected message)
+            missing = self.expected - len(self.registered)
+            self.router.send(wire.error_message(ErrorCode.NOT_READY, f"waiting for {missing} more client(s)",
+                                                role=self.role, sender=self.id, run_id=self.run_id, round=msg.round,
+                                                seq=msg.seq), inbound.envelope)
+            return
+        self.ack(inbound, msg, **({"rounds": rounds} if rounds is not None else {}))
+
+    def rounds(self) -> int | None:
+        """Rounds of the run once every client has registered: ``--rounds``, else ``--epochs`` x the
+        longest client epoch (what the server decides from its own registrations)."""
+        if len(self.registered) < self.expected:
+            return None
+        if self._rounds is None:
+            from lesft.engine import total_rounds
+            from lesft.trainer import client_sizes
+
+            b = self.cfg.train.batch_size
+            self._rounds = total_rounds(self.cfg, list(self.registered.values()), b)
+            self.record("clients", rounds=self._rounds, **client_sizes(self.registered, b, self._rounds))
+        return self._rounds
 
     def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
         # the aggregator answers every request at once, so a waiting client lost it: resend
         self.router.send(self.message(MsgType.HEARTBEAT, msg.round, msg.seq, {"have": False}), inbound.envelope)
 
     def on_upload(self, inbound: Inbound, msg: Message) -> None:
+        if msg.round > self.window_end():
+            raise WireError(ErrorCode.NOT_READY, f"round {msg.round} is too far ahead: uploads are taken up to "
+                                                 f"round {self.window_end()} now")
         wire.check_upload(msg, self.schema)
         if self.latest is not None and msg.round <= self.latest.round:
             # already aggregated (a retried upload): the answer is the broadcast
@@ -157,7 +225,8 @@ class Aggregator(Worker):
                                                            "n_samples": sum(n for _, n in bucket.values())}, avg)
         self.pub.send(self.latest)
         self.meter.count("aggregations")
-        self.record("aggregation", round=r, clients=sorted(bucket), wall_s=self.meter.wall_s())
+        self.record("aggregation", round=r, clients=sorted(bucket), weights={c: bucket[c][1] for c in sorted(bucket)},
+                    wall_s=self.meter.wall_s())
         self.log.info("round %d: averaged %d clients and broadcast", r, len(bucket))
 
     def on_fetch(self, inbound: Inbound, msg: Message) -> None:

@@ -17,7 +17,7 @@ from lesft.config import Config
 from lesft.engine import ClientParty, is_aggregation_round, is_step_round, run_fingerprint
 from lesft.methods import get_method
 from lesft.models import source_for
-from lesft.trainer import adapter_meta, client_file, client_shards, party_layout
+from lesft.trainer import adapter_meta, client_epochs, client_examples, client_file
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers.common import Channel, Peer, Worker, WorkerError, make_socket, request
 
@@ -32,9 +32,11 @@ class Client(Worker):
         self.method = get_method(cfg.train.method)
         self.source = source_for(cfg)
         tok = self.source.load_tokenizer()
-        shards, batch_size = party_layout(self.method, cfg, client_shards(cfg))
-        self.party = ClientParty(cfg, self.source, self.method, client_id, shards[client_id], tok,
-                                 batch_size=batch_size, meter=self.meter)
+        examples, own = client_examples(cfg, client_id, tok)
+        if own is not None:
+            self.log.info("own data %s", own.describe())
+        self.party = ClientParty(cfg, self.source, self.method, client_id, examples, tok,
+                                 batch_size=cfg.train.batch_size, meter=self.meter)
         self.fingerprint, self.parts = run_fingerprint(cfg, self.source)
         self.seq = 0
         self.global_round = -1  # round of the last global adapters loaded
@@ -68,6 +70,8 @@ class Client(Worker):
         self.agg = self.sub = None
         try:
             r, rounds = self.register()
+            self.epochs = client_epochs(self.party.n_samples, self.party.batch_size, rounds)
+            self.record("registered", n_samples=self.party.n_samples, rounds=rounds, epochs=self.epochs)
             while r < rounds:
                 if self.stop.is_set():
                     self.log.info("stopping at round %d (signal)", r)
@@ -95,7 +99,7 @@ class Client(Worker):
                     peer.close()
             if self.sub is not None:
                 self.sub.close()
-            self.finish(steps=self.party.steps)
+            self.finish(steps=self.party.steps, n_samples=self.party.n_samples, epochs=getattr(self, "epochs", None))
         return 0
 
     # ------------------------------------------------------------------ state
@@ -156,9 +160,13 @@ class Client(Worker):
             welcome = self.ask(self.server, MsgType.HELLO, {MsgType.WELCOME}, meta=meta)
             server_round, rounds = int(welcome.meta["round"]), int(welcome.meta["rounds"])
         else:
-            server_round, rounds = -1, self._local_rounds()
+            server_round, rounds = -1, None
         if self.method.aggregate:
-            self.join_aggregator(meta)
+            ack = self.join_aggregator(meta)
+            if rounds is None:  # no server: the aggregator decides from every client's size
+                rounds = int(ack.meta.get("rounds") or self._local_rounds())
+        if rounds is None:
+            rounds = self._local_rounds()
         state = self.load_state()
         if state is not None and (server_round != 0 or state["round"] == 0):
             self.party.restore(state["party"])
@@ -192,7 +200,7 @@ class Client(Worker):
 
     # ------------------------------------------------------------------ aggregation
 
-    def join_aggregator(self, meta: dict) -> None:
+    def join_aggregator(self, meta: dict) -> Message:
         """Subscribe, wait until the subscription is live (a heartbeat arrives), then HELLO.
 
         The aggregator therefore knows every registered client is a connected subscriber
@@ -208,7 +216,7 @@ class Client(Worker):
         while not self.sub.sock.poll(200):
             if self.stop.is_set() or time.monotonic() > deadline:
                 raise WorkerError(f"no broadcast from the aggregator at {net.aggregator_pub}: is it running?")
-        self.ask(self.agg, MsgType.HELLO, {MsgType.ACK}, meta=meta)
+        return self.ask(self.agg, MsgType.HELLO, {MsgType.ACK}, meta=meta)
 
     def aggregate(self, r: int) -> None:
         """UPLOAD this client's adapters for round r; load the global adapters of round r."""

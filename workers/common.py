@@ -63,14 +63,18 @@ def set_threads(cfg: Config) -> None:
 
 def make_socket(ctx: zmq.Context, kind: int, cfg: Config, *, bind: str | None = None,
                 connect: str | None = None, server_key: bytes | None = None,
-                identity: str | None = None) -> zmq.Socket:
-    """A socket with the project's options: no linger, a message size cap, CURVE when set up.
+                identity: str | None = None, routing_id: bytes | None = None,
+                max_frame_bytes: int | None = None) -> zmq.Socket:
+    """A socket with the project's options: no linger, a frame size cap, CURVE when set up.
 
-    ``identity`` names the CurveZMQ key pair ("broker", "server", "aggregator", "client-<i>").
+    ``identity`` names the CurveZMQ key pair ("broker", "server", "aggregator", "client-<i>");
+    ``routing_id`` is the ZeroMQ routing id a connecting socket announces.
     """
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, cfg.net.max_message_mb * 2**20)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes or cfg.net.max_message_mb * 2**20)
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     address = bind or connect
@@ -87,24 +91,94 @@ def frames_bytes(frames: Sequence) -> int:
     return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
+# The broker routes requests to the server by this routing id and takes replies only from it.
+SERVER_ROUTING_ID = b"lesft-server"
+ENVELOPE_FRAMES = 8  # routing frames a message may carry before its body (ids, stamp, delimiter)
+
+
+class Oversized(Exception):
+    """A message passed the frame-count or byte ceiling; it was read and thrown away."""
+
+    def __init__(self, frames: int, nbytes: int) -> None:
+        self.frames, self.nbytes = frames, nbytes
+        super().__init__(f"message dropped after {frames} frames / {nbytes} bytes")
+
+
+def recv_bounded(sock: zmq.Socket, max_frames: int, max_bytes: int, flags: int = 0) -> list:
+    """Receive one multipart message frame by frame; past ``max_frames`` frames or
+    ``max_bytes`` bytes, keep nothing more, read the rest away and raise :class:`Oversized`.
+
+    ``recv_multipart`` would first hold every frame as a Python object (a million empty
+    frames cost ~280 MB); here each dropped frame is freed as soon as it is read. libzmq
+    itself delivers a multipart message only once its last frame has arrived and caps single
+    frames (ZMQ_MAXMSGSIZE), not messages; that copy is freed as the frames are read.
+    """
+    if _trim["due"]:
+        _give_back_memory()
+    frames = [sock.recv(flags, copy=False)]
+    n, count = len(frames[0]), 1
+    over = n > max_bytes
+    while sock.getsockopt(zmq.RCVMORE):
+        f = sock.recv(0, copy=False)
+        count += 1
+        if not over:
+            n += len(f)
+            over = count > max_frames or n > max_bytes
+            if over:
+                frames = []
+            else:
+                frames.append(f)
+    if over or count > max_frames:
+        _give_back_memory()
+        raise Oversized(count, n)
+    return frames
+
+
+_trim = {"last": 0.0, "due": False}
+
+
+def _give_back_memory() -> None:
+    """Return freed heap pages to the OS after a dropped or refused message (glibc keeps
+    them otherwise, so a flood of bombs would leave the process hundreds of MB larger): at
+    most once a second; one asked for sooner runs on a later receive."""
+    now = time.monotonic()
+    if now - _trim["last"] < 1.0:
+        _trim["due"] = True
+        return
+    _trim["last"], _trim["due"] = now, False
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class Inbound:
-    """One received message with the envelope to answer it on (empty for DEALER/SUB)."""
+    """One received message with the envelope to answer it on (empty for DEALER/SUB).
+
+    With ``error`` set, ``msg`` is None, or the header-only message a receiver's ``admit``
+    check refused (so the refusal answers its round and seq). ``admitted``: the receiver's
+    checks have run (see :meth:`Worker.admission`)."""
 
     envelope: list
     msg: Message | None
     error: WireError | None = None
     nbytes: int = 0
+    admitted: bool = False
 
 
 class Channel:
     """A socket plus accounting: every send and receive is counted in the worker's Meter."""
 
     def __init__(self, sock: zmq.Socket, meter: Meter, *, routed: bool, limits: wire.Limits | None = None,
-                 topic: bool = False, prefix: str = "") -> None:
+                 topic: bool = False, prefix: str = "",
+                 admit: Callable[[list, Message], None] | None = None) -> None:
         self.sock, self.meter, self.routed, self.topic = sock, meter, routed, topic
         self.limits = limits or wire.Limits()
         self.prefix = prefix  # counts this channel's traffic apart, e.g. "agg." for the aggregator
+        self.admit = admit  # the receiver's cheap checks, run before any tensor is decoded
 
     def send(self, msg: Message, envelope: Sequence = (), float_dtype: str | None = None) -> int:
         frames = wire.encode(msg, float_dtype)
@@ -112,33 +186,44 @@ class Channel:
         if self.topic:
             head = [msg.type.value.encode()]
         out = head + frames
-        self.sock.send_multipart(out, copy=False)
+        try:
+            self.sock.send_multipart(out, copy=False)
+        except zmq.Again:  # a socket with a send timeout whose peer is gone: the peer will ask again
+            self.meter.count(f"dropped.send.{msg.type.value}")
+            return 0
         n = frames_bytes(frames)
         self.meter.sent(self.prefix + msg.type.value, n)
         return n
 
     def recv(self) -> Inbound:
-        """Receive one message now (the caller polled); a bad one comes back with ``error`` set."""
-        frames = self.sock.recv_multipart(copy=False)
+        """Receive one message now (the caller polled); a bad one comes back with ``error`` set.
+
+        The message is read frame by frame within the limits (a bigger one is dropped as it
+        is read, see :func:`recv_bounded`), then its header is checked, then ``admit``, and
+        only then are its tensors decoded."""
+        lim = self.limits
+        try:
+            frames = recv_bounded(self.sock, lim.max_frames + ENVELOPE_FRAMES,
+                                  lim.max_total_bytes + lim.max_header_bytes + 4096)
+        except Oversized as e:
+            self.meter.received(self.prefix + "invalid", e.nbytes)
+            self.meter.count(f"rejected.{wire.ErrorCode.TOO_LARGE.value}")
+            return Inbound([], None, WireError(wire.ErrorCode.TOO_LARGE, str(e)), e.nbytes)
         n = frames_bytes(frames)
+        envelope: list = []
         try:
             if self.topic:  # the topic frame is routing, not message: the sender does not count it either
                 envelope, body = frames[:1], frames[1:]
             else:
                 envelope, body = wire.split_envelope(frames)
-            msg = wire.decode(body, self.limits)
+            admit = None if self.admit is None else (lambda m: self.admit(envelope, m))
+            msg = wire.decode(body, lim, admit)
         except WireError as e:
             self.meter.received(self.prefix + "invalid", n)
             self.meter.count(f"rejected.{e.code.value}")
-            env = []
-            if self.routed:
-                try:
-                    env = wire.split_envelope(frames)[0]
-                except WireError:
-                    env = []
-            return Inbound(env, None, e, n)
+            return Inbound(envelope if self.routed else [], getattr(e, "msg", None), e, n)
         self.meter.received(self.prefix + msg.type.value, n - frames_bytes(envelope))
-        return Inbound(envelope, msg, None, n)
+        return Inbound(envelope, msg, None, n, admitted=self.admit is not None)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -147,6 +232,7 @@ class Channel:
 def reply_error(chan: Channel, inbound: Inbound, err: WireError, role: str, sender: int, run_id: str,
                 log: logging.Logger) -> None:
     """Answer a bad message with ERROR where it can be routed, else log the drop."""
+    _give_back_memory()
     msg = inbound.msg
     log.warning("rejected %s from %s: %s", msg.type.value if msg else "message",
                 f"{msg.role}-{msg.sender}" if msg else "unknown peer", err)
@@ -341,27 +427,36 @@ class Worker:
                   "rss_mb": round(m.current_rss_mb(), 1)}
         self.metrics.write({"event": event, **totals, **fields})
 
+    def admission(self, handlers: dict, sessions: Sessions) -> Callable[[list, Message], None]:
+        """The cheap checks of a received message — run id, type, key identity, session —
+        which :class:`Channel` runs on the header before it decodes any tensor."""
+
+        def admit(envelope: list, msg: Message) -> None:
+            if msg.run_id != self.run_id:
+                raise WireError(ErrorCode.BAD_FIELD, f"run id {msg.run_id!r} is not this {self.role}'s "
+                                                     f"{self.run_id!r}: start every party with --run-id {self.run_id}")
+            if msg.type not in handlers:
+                raise WireError(ErrorCode.BAD_TYPE, f"the {self.role} does not take {msg.type.value} messages")
+            if msg.role == "client":
+                security.authorise(envelope, msg.sender, self.cfg)
+            # a heartbeat from an unknown client is answered "have: false" (it then sends HELLO again)
+            if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT and msg.sender not in sessions.owner):
+                sessions.check(msg)
+
+        return admit
+
     def serve(self, chan: Channel, inbound: Inbound, handlers: dict, sessions: Sessions) -> None:
-        """Validate one received message (run id, type, key identity, session) and hand it to
-        its handler; any problem becomes an ERROR reply and a ``rejected.<code>`` count,
-        never an exception that would take this worker down."""
+        """Hand one received message to its handler once it passed :meth:`admission` (run here
+        unless the channel already did); any problem becomes an ERROR reply and a
+        ``rejected.<code>`` count, never an exception that would take this worker down."""
         if inbound.error is not None:
             reply_error(chan, inbound, inbound.error, self.role, self.id, self.run_id, self.log)
             return
         msg = inbound.msg
         try:
-            if msg.run_id != self.run_id:
-                raise WireError(ErrorCode.BAD_FIELD, f"run id {msg.run_id!r} is not this {self.role}'s "
-                                                     f"{self.run_id!r}: start every party with --run-id {self.run_id}")
-            handler = handlers.get(msg.type)
-            if handler is None:
-                raise WireError(ErrorCode.BAD_TYPE, f"the {self.role} does not take {msg.type.value} messages")
-            if msg.role == "client":
-                security.authorise(inbound.envelope, msg.sender, self.cfg)
-            # a heartbeat from an unknown client is answered "have: false" (it then sends HELLO again)
-            if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT and msg.sender not in sessions.owner):
-                sessions.check(msg)
-            handler(inbound, msg)
+            if not inbound.admitted:
+                self.admission(handlers, sessions)(inbound.envelope, msg)
+            handlers[msg.type](inbound, msg)
         except WireError as e:
             self.meter.count(f"rejected.{e.code.value}")
             reply_error(chan, inbound, e, self.role, self.id, self.run_id, self.log)

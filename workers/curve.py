@@ -219,7 +219,7 @@ def resolve_identity(cfg: Config, kind: int, address: str | None, serving: bool,
     owner = endpoint_owner(cfg, address)
     if serving and owner:
         return owner
-    if not serving and kind == zmq.ROUTER and address == cfg.net.broker_backend:
+    if not serving and kind in (zmq.ROUTER, zmq.DEALER) and address == cfg.net.broker_backend:
         return "server"
     raise ConfigError(f"cannot tell which CurveZMQ key pair the socket for {address} should use: "
                       "pass identity= to make_socket")

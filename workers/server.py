@@ -25,10 +25,10 @@ from lesft.lora import row_keys
 from lesft.methods import get_method
 from lesft.metrics import merge_token_means
 from lesft.models import source_for
-from lesft.trainer import SERVER_FILE, adapter_meta, combine_run
+from lesft.trainer import SERVER_FILE, adapter_meta, client_sizes, combine_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
-from workers.common import Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
+from workers.common import SERVER_ROUTING_ID, Channel, Inbound, Sessions, Worker, check_fingerprint, make_socket
 
 _WIRE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -109,9 +109,13 @@ class Server(Worker):
     # ------------------------------------------------------------------ loop
 
     def run(self) -> int:
-        sock = make_socket(self.ctx, zmq.ROUTER, self.cfg, connect=self.cfg.net.broker_backend, identity="server")
+        # a DEALER with the routing id the broker sends requests to (see broker/proxy.py)
+        sock = make_socket(self.ctx, zmq.DEALER, self.cfg, connect=self.cfg.net.broker_backend, identity="server",
+                           routing_id=SERVER_ROUTING_ID)
+        sock.setsockopt(zmq.SNDTIMEO, 1000)  # broker gone and its queue full: drop, the clients ask again
         limits = wire.Limits(max_total_bytes=self.cfg.net.max_message_mb * 2**20)
-        self.chan = Channel(sock, self.meter, routed=True, limits=limits)
+        self.chan = Channel(sock, self.meter, routed=True, limits=limits,
+                            admit=self.admission(self.handlers, self.sessions))
         self.log.info("%s on %s: layers %d..%d of %d, waiting for %d clients via %s", self.method.label,
                       self.party.device, self.party.k, self.source.n_layers - 1, self.source.n_layers,
                       self.expected, self.cfg.net.broker_backend)
@@ -142,9 +146,13 @@ class Server(Worker):
     def reply(self, inbound: Inbound, msg: Message, float_dtype: str | None = None) -> None:
         self.chan.send(msg, inbound.envelope, float_dtype)
 
+    @property
+    def handlers(self) -> dict:
+        return {MsgType.HELLO: self.on_hello, MsgType.FORWARD: self.on_forward,
+                MsgType.HEARTBEAT: self.on_heartbeat, MsgType.BYE: self.on_bye}
+
     def dispatch(self, inbound: Inbound) -> None:
-        self.serve(self.chan, inbound, {MsgType.HELLO: self.on_hello, MsgType.FORWARD: self.on_forward,
-                                        MsgType.HEARTBEAT: self.on_heartbeat, MsgType.BYE: self.on_bye}, self.sessions)
+        self.serve(self.chan, inbound, self.handlers, self.sessions)
 
     # ------------------------------------------------------------------ handlers
 
@@ -170,6 +178,8 @@ class Server(Worker):
             self.rounds = self.cfg.train.rounds or self.cfg.train.epochs * max(
                 rounds_per_epoch(s.n_samples, b) for s in self.clients.values())
             self.log.info("all %d clients registered: %d rounds", self.expected, self.rounds)
+            sizes = {c: s.n_samples for c, s in self.clients.items()}
+            self.record("clients", rounds=self.rounds, **client_sizes(sizes, b, self.rounds))
             self.round_started = time.monotonic()
         if self.rounds is not None:
             for c_id, s in self.clients.items():
@@ -230,6 +240,11 @@ class Server(Worker):
             raise self.stale(msg.round)
         if msg.round >= self.rounds:
             raise WireError(ErrorCode.STALE_ROUND, f"round {msg.round} is past the last round {self.rounds - 1}")
+        if msg.round > self.round:  # ahead of the server (a resume): keep only its newest such request
+            for r in [r for r, b in self.pending.items() if r > self.round and r != msg.round and msg.sender in b]:
+                del self.pending[r][msg.sender]
+                if not self.pending[r]:
+                    del self.pending[r]
         bucket = self.pending.setdefault(msg.round, {})
         if msg.sender in bucket:
             self.meter.count("repeated_requests")
