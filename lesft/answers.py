@@ -33,7 +33,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-NUMERIC_DATASETS = ("gsm8k", "synthetic")
+NUMERIC_DATASETS = ("gsm8k", "synthetic", "synthetic_easy")
 CHOICE_DATASETS = ("commonsenseqa", "aqua_rat")
 CHOICES = "ABCDE"
 

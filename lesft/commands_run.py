@@ -18,13 +18,26 @@ def _run_config(run: Path) -> Config:
     return Config.load(run / "config.json")
 
 
+def _loss_line(cfg: Config) -> str:
+    """The loss the run trained with, and why (the run's ``note``), on one line."""
+    from lesft.methods import get_method
+
+    method = get_method(cfg.train.method)
+    name = getattr(cfg.loss, "loss", "lesft") if cfg.train.method == "lesft" else "nll"
+    if cfg.train.method == "lesft" and name == "lesft" and cfg.loss.lesft_nll_mix:
+        name = f"lesft + {cfg.loss.lesft_nll_mix:g} x NLL"
+    what = f"{name} ({method.label})"
+    return f"{what}: {cfg.run.note}" if cfg.run.note else what
+
+
 @app.command()
 @guarded
 def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-id>)"),
-            eval_n: int = typer.Option(20, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
+            eval_n: int = typer.Option(50, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
             max_new_tokens: int = typer.Option(80, "--max-new-tokens", help="generation budget per question"),
             eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="your own held-out file (JSONL/JSON/"
                                                      "CSV) for accuracy before/after, exact match of the final answer"),
+            batch_size: int = typer.Option(16, "--batch-size", help="questions generated together"),
             ) -> None:
     """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
     from lesft.evaluate import evaluate, load_for_eval, probe_loss
@@ -33,7 +46,7 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
     from lesft.report import EvalProgress, print_run_summary
 
     cfg = _run_config(run)
-    extra: list[tuple[str, str]] = []
+    extra: list[tuple[str, str]] = [("loss", _loss_line(cfg))]
     if eval_n > 0:
         if not (run / "adapter").is_dir():
             fail(f"{run}/adapter is missing: the run did not finish (see {run}/logs or the workers' output).")
@@ -54,7 +67,7 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
                 model = load_for_eval(source, adapter)
                 losses[label] = probe_loss(model, tok, examples, max_length=cfg.data.max_length)
                 results[label] = evaluate(model, tok, examples, max_new_tokens=max_new_tokens, first_line=True,
-                                          scorer=scorer, progress=shown.update)
+                                          scorer=scorer, batch_size=batch_size, progress=shown.update)
         extra.append((f"held-out target NLL (before -> after)", f"{losses['before']:.4f} -> {losses['after']:.4f}"))
         for label, res in results.items():
             extra.append((f"accuracy {label} ({res.n} held-out {name} {split}, first line)",

@@ -144,7 +144,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="synthetic", metadata={"help": "synthetic|gsm8k|commonsenseqa|aqua_rat"})
+    dataset: str = field(default="synthetic", metadata={"help": "synthetic|synthetic_easy|gsm8k|commonsenseqa|aqua_rat"})
     data_dir: str = field(default="", metadata={"help": "folder holding gsm8k/, commonsenseqa/, aqua_rat/ (default $LESFT_DATA_DIR or ../shared/datasets)"})
     clients: int = field(default=4, metadata={"help": "number of clients N"})
     samples_per_client: int = field(default=10, metadata={"help": "training examples per client"})
@@ -160,7 +160,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self._check_own_data()
-        _one_of("dataset", self.dataset, ("synthetic", "gsm8k", "commonsenseqa", "aqua_rat"))
+        _one_of("dataset", self.dataset, ("synthetic", "synthetic_easy", "gsm8k", "commonsenseqa", "aqua_rat"))
         _one_of("partition", self.partition, ("iid", "dirichlet"))
         _one_of("ref_style", self.ref_style, ("solution", "answer"))
         _positive("clients", self.clients)
@@ -258,6 +258,7 @@ class NetConfig:
 class RunConfig:
     run_id: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
     runs_dir: str = field(default="runs", metadata={"help": "folder of run outputs"})
+    note: str = field(default="", metadata={"help": "one line on why the run uses its settings (lesft summary shows it)"})
 
     def __post_init__(self) -> None:
         if self.run_id in (".", "..") or any(c in self.run_id for c in "/\\") or self.run_id.startswith("."):

@@ -154,7 +154,7 @@ def client_shards(cfg: Config, tokenizer=None) -> list[list[Example]]:
         return [f.examples for f in files]
     n = d.clients * d.samples_per_client
     examples = load_examples(d.dataset, "train", data_dir=d.data_dir or None, ref_style=d.ref_style,
-                             teacher_cot=d.teacher_cot or None, n=n if d.dataset != "synthetic" else max(n, 1000),
+                             teacher_cot=d.teacher_cot or None, n=n if not d.dataset.startswith("synthetic") else max(n, 1000),
                              seed=d.data_seed)
     return partition(examples, d.clients, d.samples_per_client, scheme=d.partition, alpha=d.dirichlet_alpha,
                      seed=d.data_seed)

@@ -40,22 +40,46 @@ def test_overhead_table_for_lesft_fp32_and_bf16(tmp_path):
 
 
 def test_accuracy_and_sweep_grids_resume(tmp_path):
-    common = [*TINY, "--rounds", "2", "--limit", "2", "--max-new-tokens", "3", "--runs-dir", str(tmp_path)]
-    invoke("bench", "accuracy", "--datasets", "synthetic", "--methods", "base,splitlora", *common,
-           "--out", str(tmp_path / "acc"))
+    common = [*TINY, "--rounds", "2", "--limit", "3", "--max-new-tokens", "3", "--runs-dir", str(tmp_path)]
+    acc = ["bench", "accuracy", "--datasets", "synthetic", "--methods", "base,splitlora", "--seeds", "0,1",
+           *common, "--out", str(tmp_path / "acc"), "--train-runs", str(tmp_path / "train-runs")]
+    invoke(*acc, "--report", str(tmp_path / "results.md"))
     cells = sorted((tmp_path / "acc" / "cells").glob("*.json"))
-    assert len(cells) == 2
-    assert "synthetic" in (tmp_path / "acc" / "table1.md").read_text()
+    assert len(cells) == 3  # base is not trained: one cell for every seed
+    trained = [json.loads(c.read_text()) for c in cells if c.name.startswith("splitlora")]
+    assert sorted(r["seed"] for r in trained) == [0, 1]
+    for r in trained:
+        assert len(r["per_question"]) == 3 and set(r["per_question"]) <= {0, 1}
+        assert r["train_tokens"] > 0 and r["train_s"] > 0
+        assert r["adapter"].startswith(str(tmp_path / "train-runs"))
+    doc = json.loads((tmp_path / "acc" / "accuracy.json").read_text())
+    st = {s["method"]: s for s in doc["config"]["stats"]["synthetic"]}
+    assert st["splitlora"]["seeds"] == [0, 1] and len(st["splitlora"]["values"]) == 2
+    assert st["base"]["diff_low"] <= st["base"]["diff"] <= st["base"]["diff_high"]
+    assert (tmp_path / "acc" / "accuracy-synthetic.png").is_file()
+    report = (tmp_path / "results.md").read_text()
+    assert "vs splitlora" in report and "Every cell of the grid is finished" in report
     stamp = [c.stat().st_mtime_ns for c in cells]
-    invoke("bench", "accuracy", "--datasets", "synthetic", "--methods", "base,splitlora", *common,
-           "--out", str(tmp_path / "acc"))
+    invoke(*acc)
     assert [c.stat().st_mtime_ns for c in cells] == stamp  # finished cells are not rerun
+    # a grown grid reports what is missing without training it
+    invoke(*acc[:5], "base,splitlora", "--seeds", "0,1,2", *acc[8:], "--finished-only",
+           "--report", str(tmp_path / "results.md"))
+    assert len(list((tmp_path / "acc" / "cells").glob("*.json"))) == 3
+    assert "seed=2" in (tmp_path / "results.md").read_text()
 
     invoke("bench", "sweep", "--param", "split_ratio=1/2,1/4", "--methods", "lesft", *common,
            "--out", str(tmp_path / "sw"))
     doc = json.loads((tmp_path / "sw" / "sweep-split_ratio.json").read_text())
     assert sorted(r["split_ratio"] for r in doc["rows"]) == ["1/2", "1/4"]
     assert (tmp_path / "sw" / "sweep-split_ratio.png").is_file()
+
+
+def test_accuracy_rejects_unknown_method_and_bad_seeds(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "accuracy", "--methods", "warp", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "warp" in res.output and "kd-base" in res.output
+    res = CliRunner().invoke(app, ["bench", "accuracy", "--methods", "base", "--seeds", "0,x", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--seeds" in res.output
 
 
 def test_sweep_rejects_unknown_param(tmp_path):
@@ -72,3 +96,13 @@ def test_pipeline_bench_and_summary(tmp_path):
     assert row["max_rel_diff_server"] <= 1e-5 and row["max_rel_diff_client"] <= 1e-5
     res = invoke("summary", "--run", str(tmp_path / "runs" / "pipeline"), "--eval-n", "2", "--max-new-tokens", "3")
     assert "accuracy before" in res.output and "accuracy after" in res.output and "bytes client" in res.output
+
+
+def test_summary_names_the_loss_and_why():
+    from lesft.commands_run import _loss_line
+    from lesft.config import Config
+
+    line = _loss_line(Config().replace(loss="kd", note="kd learns from the reference path"))
+    assert line.startswith("kd (") and line.endswith(": kd learns from the reference path")
+    assert _loss_line(Config().replace(lesft_nll_mix=1.0)).startswith("lesft + 1 x NLL")
+    assert _loss_line(Config().replace(method="splitlora")).startswith("nll")

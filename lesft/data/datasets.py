@@ -29,6 +29,7 @@ SYNTHETIC_DEFAULT_N = 1000
 # split -> (file under the data dir, the file's own split name used in uids)
 SPLITS: dict[str, dict[str, tuple[str, str]]] = {
     "synthetic": {"train": ("", "train"), "dev": ("", "dev"), "test": ("", "test")},
+    "synthetic_easy": {"train": ("", "train"), "dev": ("", "dev"), "test": ("", "test")},
     "gsm8k": {"train": ("gsm8k/train.jsonl", "train"), "test": ("gsm8k/test.jsonl", "test")},
     # The official CSQA test labels were never released, so "test" is the labelled dev
     # set (1221 questions), as CoT papers report it; "dev" is the same file.
@@ -302,8 +303,9 @@ def load_examples(dataset: str, split: str = "train", *, data_dir: str | Path | 
     if n is not None and n < 0:
         raise DataError(f"Sample size must be >= 0, got {n}. Pass a non-negative --n.")
 
-    if dataset == "synthetic":
-        records = synthetic_records(SYNTHETIC_DEFAULT_N if n is None else n, seed=seed, split=split)
+    if dataset in ("synthetic", "synthetic_easy"):
+        records = synthetic_records(SYNTHETIC_DEFAULT_N if n is None else n, seed=seed, split=split,
+                                    level="standard" if dataset == "synthetic" else "easy")
     else:
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         if root is None:
@@ -325,7 +327,7 @@ def load_examples(dataset: str, split: str = "train", *, data_dir: str | Path | 
     else:
         examples = [assemble(r, ref_style) for r in records]
 
-    if n is None or dataset == "synthetic":
+    if n is None or dataset in ("synthetic", "synthetic_easy"):
         return examples
     if n > len(examples):
         raise DataError(f"Asked for {n} {dataset} {split} examples but only {len(examples)} are "

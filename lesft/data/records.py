@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-DATASETS = ("synthetic", "gsm8k", "commonsenseqa", "aqua_rat")
+DATASETS = ("synthetic", "synthetic_easy", "gsm8k", "commonsenseqa", "aqua_rat")
 REF_STYLES = ("solution", "answer")
 
 ANSWER_CUE = "\nAnswer:"

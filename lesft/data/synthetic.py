@@ -264,6 +264,57 @@ def _wages(rng: random.Random, ch: _Chain) -> tuple[str, str, int]:
     return q, s, total
 
 
+# --------------------------------------------------------------------------- easy level
+# Two steps, three kinds, every factor and addend in 2..12: a task a 135M model can
+# learn from 40 examples in a few CPU minutes (the demo's task, dataset synthetic_easy).
+
+
+def _easy_boxes(rng: random.Random, ch: _Chain) -> tuple[str, str, int]:
+    name, he, _ = _person(rng)
+    items = rng.choice(_ITEMS)
+    a, k, b = rng.randint(2, 12), rng.randint(2, 12), rng.randint(2, 12)
+    t, e1 = ch.calc(a, "*", k)
+    total, e2 = ch.calc(t, "+", b)
+    q = f"{name} has {a} boxes with {k} {items} in each box and {b} more {items}. How many {items} does {he} have?"
+    s = f"The boxes hold {e1} {items}. With {b} more, {he} has {e2} {items}."
+    return q, s, total
+
+
+def _easy_gift(rng: random.Random, ch: _Chain) -> tuple[str, str, int]:
+    name, _, _ = _person(rng)
+    items = rng.choice(_ITEMS)
+    a, k = rng.randint(2, 12), rng.randint(2, 12)
+    g = rng.randint(2, min(12, a * k - 1))
+    t, e1 = ch.calc(a, "*", k)
+    left, e2 = ch.calc(t, "-", g)
+    q = f"{name} buys {a} packs of {k} {items} and gives away {g} {items}. How many {items} are left?"
+    s = f"{name} buys {e1} {items}. After giving away {g}, {e2} {items} are left."
+    return q, s, left
+
+
+def _easy_share(rng: random.Random, ch: _Chain) -> tuple[str, str, int]:
+    name, _, _ = _person(rng)
+    items = rng.choice(_ITEMS)
+    a, k = rng.randint(2, 12), rng.randint(2, 12)
+    friends = [m for m in range(2, 13) if (a * k) % m == 0 and a * k // m >= 2]
+    if not friends:
+        raise _Retry
+    m = rng.choice(friends)
+    t, e1 = ch.calc(a, "*", k)
+    share, e2 = ch.calc(t, "/", m)
+    q = (f"{name} has {a} bags with {k} {items} in each bag and shares them equally among {m} friends. "
+         f"How many {items} does each friend get?")
+    s = f"{name} has {e1} {items}. Each of the {m} friends gets {e2} {items}."
+    return q, s, share
+
+
+EASY_KINDS: dict[str, Callable[[random.Random, _Chain], tuple[str, str, int]]] = {
+    "boxes": _easy_boxes,
+    "gift": _easy_gift,
+    "share": _easy_share,
+}
+
+
 KINDS: dict[str, Callable[[random.Random, _Chain], tuple[str, str, int]]] = {
     "shopping": _shopping,
     "travel": _travel,
@@ -276,24 +327,36 @@ KINDS: dict[str, Callable[[random.Random, _Chain], tuple[str, str, int]]] = {
 }
 
 
+LEVELS = {"standard": KINDS, "easy": EASY_KINDS}
+
+
 def _bucket(question: str) -> int:
     return int.from_bytes(hashlib.blake2b(question.encode(), digest_size=8).digest(), "big") % _BUCKETS
 
 
 def synthetic_records(n: int, seed: int = 0, split: str = "train",
-                      kinds: Sequence[str] | None = None) -> list[SourceRecord]:
-    """Generate ``n`` distinct problems of ``split`` as source records (see ``generate_synthetic``)."""
+                      kinds: Sequence[str] | None = None, level: str = "standard") -> list[SourceRecord]:
+    """Generate ``n`` distinct problems of ``split`` as source records (see ``generate_synthetic``).
+
+    ``level`` "standard" draws from ``KINDS``; "easy" from ``EASY_KINDS`` (dataset
+    ``synthetic_easy``: records say ``dataset="synthetic_easy"``).
+    """
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r} for synthetic. Choose one of: {', '.join(SPLITS)}.")
     if n < 0:
         raise DataError(f"Number of synthetic problems must be >= 0, got {n}. Pass a positive --n.")
-    names = list(KINDS) if kinds is None else list(kinds)
-    unknown = [k for k in names if k not in KINDS]
+    if level not in LEVELS:
+        raise DataError(f"Unknown synthetic level {level!r}. Choose one of: {', '.join(LEVELS)}.")
+    table = LEVELS[level]
+    names = list(table) if kinds is None else list(kinds)
+    unknown = [k for k in names if k not in table]
     if unknown or not names:
-        raise DataError(f"Unknown synthetic kind(s) {unknown or names}. Choose from: {', '.join(KINDS)}.")
+        raise DataError(f"Unknown synthetic kind(s) {unknown or names}. Choose from: {', '.join(table)}.")
+    dataset = "synthetic" if level == "standard" else f"synthetic_{level}"
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and
-    # Python versions, and a different stream per split.
-    rng = random.Random(f"lesft-synthetic:{split}:{seed}")
+    # Python versions, and a different stream per split (and per level).
+    rng = random.Random(f"lesft-synthetic:{split}:{seed}" if level == "standard"
+                        else f"lesft-synthetic-{level}:{split}:{seed}")
     records: list[SourceRecord] = []
     seen: set[str] = set()
     attempts = 0
@@ -305,15 +368,15 @@ def synthetic_records(n: int, seed: int = 0, split: str = "train",
         kind = rng.choice(names)
         chain = _Chain()
         try:
-            question, steps, answer = KINDS[kind](rng, chain)
+            question, steps, answer = table[kind](rng, chain)
         except _Retry:
             continue
         if question in seen or _bucket(question) not in _SPLIT_BUCKETS[split]:
             continue
         seen.add(question)
         records.append(SourceRecord(
-            uid=f"synthetic-{split}-{seed}-{len(records):05d}",
-            dataset="synthetic",
+            uid=f"{dataset}-{split}-{seed}-{len(records):05d}",
+            dataset=dataset,
             block=question_block(question),
             steps=steps,
             terse="; ".join(chain.terse),

@@ -100,3 +100,30 @@ def test_load_examples_synthetic_styles():
     assert all("Reference solution" not in e.x_ref for e in answer_only)
     assert [e.y for e in answer_only] == [e.y for e in default]
     assert len(load_examples("synthetic")) == 1000
+
+
+def test_easy_level_two_steps_three_kinds_small_factors():
+    easy = load_examples("synthetic_easy", "train", n=1000, seed=0)
+    assert load_examples("synthetic_easy", "train", n=1000, seed=0) == easy
+    assert Counter(e.kind for e in easy).keys() == {"boxes", "gift", "share"}
+    assert all(e.dataset == "synthetic_easy" and e.uid.startswith("synthetic_easy-train-") for e in easy)
+    for ex in easy:
+        equations = terse_of(ex.x_ref)
+        assert len(equations) == 2, ex
+        a, b, c = evaluate(equations[0])  # the first step multiplies two numbers of the question
+        assert equations[0].split("=")[0].count("*") == 1 and 2 <= a <= 12 and 2 <= b <= 12
+        _, _, answer = evaluate(equations[1])
+        assert ex.answer == str(answer) and ex.y.endswith(answer_sentence(ex.answer))
+    test = {e.x for e in load_examples("synthetic_easy", "test", n=300)}
+    assert len(test) == 300 and not test & {e.x for e in easy}
+    assert not test & {e.x for e in generate_synthetic(300, seed=0, split="test")}  # another task
+
+
+def test_demo_config_trains_lesft_nlft_on_the_easy_level():
+    from pathlib import Path
+
+    from lesft.config import build_config, load_toml
+
+    cfg = build_config(cli=load_toml(Path(__file__).parents[2] / "configs" / "demo.toml"), env={})
+    assert (cfg.train.method, cfg.loss.loss, cfg.data.dataset) == ("lesft", "nlft", "synthetic_easy")
+    assert cfg.run.note  # the summary says why this loss
