@@ -216,7 +216,9 @@ def test_hostile_peers_change_nothing(tmp_path, e2e_cfg, live_run, reference_ada
         broker_proc.terminate()  # the broker writes its final record on SIGTERM
         assert broker_proc.wait(timeout=30) == 0
         broker = run.final("broker-0")["counters"]
-        assert broker.get("dropped.too_large.to_server", 0) >= 2, broker
+        # both bombs dropped by the broker; under CurveZMQ the frame cap may end the sender's
+        # connection first (each encrypted 1 MiB frame is a little larger): then one is counted
+        assert broker.get("dropped.too_large.to_server", 0) >= (1 if curve_on else 2), broker
         agg = run.final("aggregator-0")["counters"]
         if not curve_on:  # with keys, the forger and the subscribers never get past the handshake
             assert broker.get("dropped.not_server", 0) > 0, broker
