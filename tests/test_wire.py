@@ -14,7 +14,7 @@ from lesft import wire
 from lesft.wire import (ALLOWED_DTYPES, PROTOCOL_VERSION, ErrorCode, Limits, Message,
                         ModelLimits, MsgType, WireError, check_adapters, check_backward,
                         check_forward, check_hello, check_upload, decode, encode,
-                        error_message, raise_if_error, split_envelope)
+                        error, raise_if_error, split_envelope)
 
 LIM = ModelLimits(hidden_size=8, max_length=16, max_rows=4, vocab_size=50)
 
@@ -33,8 +33,7 @@ def forward_msg(b=2, t=6, h=8, ref=True, **meta) -> Message:
         tensors |= {"ref_act": torch.randn(b, t + 2, h, generator=g),
                     "ref_lengths": torch.full((b,), t + 2, dtype=torch.int64),
                     "ref_y_start": torch.full((b,), 4, dtype=torch.int64)}
-    return Message(MsgType.FORWARD, "client", 3, "run-1", 5, 7,
-                   {"paths": "dual", "want_grad": True, **meta}, tensors)
+    return Message(MsgType.FORWARD, "client", 3, "run-1", 5, 7, dict(meta), tensors)
 
 
 def header_of(frames) -> dict:
@@ -199,11 +198,6 @@ def test_wire_module_imports_no_zmq():
     assert not any(n.split(".")[0] == "zmq" for n in names)
 
 
-def test_benchmark_runs():
-    r = wire.codec_roundtrip_seconds(shape=(2, 4, 8), dtype="bf16", repeat=2)
-    assert r["payload_bytes"] == 2 * 4 * 8 * 2 and r["bytes_per_s"] > 0
-
-
 # -------------------------------------------------------------------- envelope, errors
 
 def test_split_envelope():
@@ -214,7 +208,7 @@ def test_split_envelope():
 
 
 def test_error_message_roundtrip_and_raise():
-    msg = error_message(ErrorCode.BAD_SHAPE, "act\nwrong", role="server", sender=-1, round=3, seq=4)
+    msg = error(wire.Origin("server", -1), ErrorCode.BAD_SHAPE, "act\nwrong", 3, 4)
     out = roundtrip(msg)
     assert out.type == MsgType.ERROR and out.meta == {"code": "bad_shape", "text": "act wrong"}
     e = rejects(ErrorCode.BAD_SHAPE, raise_if_error, out)
@@ -452,16 +446,13 @@ def test_fuzz_decode_raises_only_wire_error():
 
 def test_forward_valid_with_and_without_ref():
     check_forward(roundtrip(forward_msg()), LIM)
-    check_forward(roundtrip(forward_msg(ref=False, paths="base")), LIM)
+    check_forward(roundtrip(forward_msg(ref=False)), LIM)
+    check_forward(roundtrip(forward_msg()), LIM, reference=True)
+    check_forward(roundtrip(forward_msg(ref=False)), LIM, reference=False)
 
 
 def test_forward_rejects_wrong_type():
     rejects(ErrorCode.BAD_TYPE, check_forward, Message(MsgType.UPLOAD, "client", 0), LIM)
-
-
-@pytest.mark.parametrize("meta", [{"paths": "both"}, {"want_grad": 1}])
-def test_forward_rejects_bad_meta(meta):
-    rejects(ErrorCode.BAD_FIELD, check_forward, forward_msg(**meta), LIM)
 
 
 def test_forward_rejects_missing_tensor():
@@ -484,8 +475,13 @@ def test_forward_rejects_partial_ref(drop):
     assert drop in e.text
 
 
-def test_forward_dual_paths_needs_ref():
-    rejects(ErrorCode.MISSING_TENSOR, check_forward, forward_msg(ref=False), LIM)
+def test_forward_paths_are_the_receivers_method():
+    """The server knows from its own method whether the reference path comes (the paths are
+    in the fingerprint): a FORWARD that differs is refused, whatever it claims."""
+    e = rejects(ErrorCode.MISSING_TENSOR, check_forward, forward_msg(ref=False), LIM, reference=True)
+    assert "ref_act" in e.text
+    e = rejects(ErrorCode.UNEXPECTED_TENSOR, check_forward, forward_msg(), LIM, reference=False)
+    assert "does not use" in e.text
 
 
 def test_forward_rejects_int_activation():
@@ -567,19 +563,22 @@ def test_forward_rejects_targets_longer_than_act():
 
 def test_backward_valid_and_rejections():
     g = torch.randn(2, 6, 8)
-    ok = roundtrip(Message(MsgType.BACKWARD, "server", -1, meta={"loss": 1.5}, tensors={"grad": g}))
+    meta = {"loss_sum": 1.5, "valid_rows": 2}
+    ok = roundtrip(Message(MsgType.BACKWARD, "server", -1, meta=meta, tensors={"grad": g}))
     check_backward(ok, expected_shape=(2, 6, 8))
-    check_backward(Message(MsgType.BACKWARD, "server", -1))
+    check_backward(Message(MsgType.BACKWARD, "server", -1, meta=meta))
     rejects(ErrorCode.BAD_SHAPE, check_backward, ok, expected_shape=(2, 6, 9))
     rejects(ErrorCode.UNEXPECTED_TENSOR, check_backward,
-            Message(MsgType.BACKWARD, "server", -1, tensors={"grad": g, "x": g}))
+            Message(MsgType.BACKWARD, "server", -1, meta=meta, tensors={"grad": g, "x": g}))
     rejects(ErrorCode.BAD_DTYPE, check_backward,
-            Message(MsgType.BACKWARD, "server", -1, tensors={"grad": g.long()}))
+            Message(MsgType.BACKWARD, "server", -1, meta=meta, tensors={"grad": g.long()}))
     rejects(ErrorCode.NOT_FINITE, check_backward,
-            Message(MsgType.BACKWARD, "server", -1, tensors={"grad": g / 0}))
-    for loss in (float("nan"), True, "1"):
+            Message(MsgType.BACKWARD, "server", -1, meta=meta, tensors={"grad": g / 0}))
+    for loss in (float("nan"), True, "1", None):
         rejects(ErrorCode.BAD_FIELD, check_backward,
-                Message(MsgType.BACKWARD, "server", -1, meta={"loss": loss}))
+                Message(MsgType.BACKWARD, "server", -1, meta={**meta, "loss_sum": loss}))
+    for rows, code in ((-1, ErrorCode.OUT_OF_RANGE), (1.0, ErrorCode.BAD_FIELD), (None, ErrorCode.BAD_FIELD)):
+        rejects(code, check_backward, Message(MsgType.BACKWARD, "server", -1, meta={**meta, "valid_rows": rows}))
 
 
 ADAPTER_KEYS = {"l0.lora_A": (8, 16), "l0.lora_B": (16, 8)}
