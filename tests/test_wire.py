@@ -640,3 +640,80 @@ def test_hello_checks():
                          ({"fingerprint": ""}, ErrorCode.BAD_FIELD),
                          ({"fingerprint": 7}, ErrorCode.BAD_FIELD)]:
         rejects(code, check_hello, Message(MsgType.HELLO, "client", 0, meta=good | change))
+
+
+# ------------------------------------------------------------- constructors and checkers
+
+CLIENT = wire.Origin("client", 3, "run-1", "s" * 32)
+SERVER = wire.Origin("server", 0, "run-1")
+
+
+def constructed() -> dict[MsgType, Message]:
+    """One message of every type, from its constructor."""
+    from lesft.batching import Rows
+
+    f = forward_msg().tensors
+    rows = Rows.from_tensors(f, torch.zeros(2, dtype=torch.int64))
+    adapters = {k: torch.randn(*s) for k, s in ADAPTER_KEYS.items()}
+    return {
+        MsgType.HELLO: wire.hello(CLIENT, 1, client_id=3, n_samples=4, fingerprint="f" * 16, parts={"k": 1}),
+        MsgType.WELCOME: wire.welcome(SERVER, 1, rounds=8, round=0, clients=4),
+        MsgType.FORWARD: wire.forward(CLIENT, 5, 7, rows),
+        MsgType.BACKWARD: wire.backward(SERVER, 5, 7, loss_sum=3.5, valid_rows=2, grad=torch.randn(2, 6, 8)),
+        MsgType.UPLOAD: wire.upload(CLIENT, 3, 8, n_samples=4, adapters=adapters),
+        MsgType.ACK: wire.ack(SERVER, 3, 8, rounds=8, aggregated=True),
+        MsgType.ADAPTERS: wire.adapters(SERVER, 3, 0, adapters, clients=[0, 3], n_samples=8, of_round=3),
+        MsgType.FETCH: wire.fetch(CLIENT, -1, 9),
+        MsgType.ERROR: wire.error(SERVER, ErrorCode.STALE_ROUND, "round 2 is over", 2, 10, server_round=4),
+        MsgType.BYE: wire.bye(CLIENT, 11),
+        MsgType.HEARTBEAT: wire.heartbeat(SERVER, 5, 7, have=True),
+        MsgType.DONE: wire.done(SERVER, 11),
+    }
+
+
+def test_every_type_has_a_constructor_and_a_checker():
+    assert set(constructed()) == set(MsgType) == set(wire.CHECKERS)
+
+
+@pytest.mark.parametrize("mtype", list(MsgType))
+def test_a_constructors_message_passes_its_checker(mtype):
+    msg = constructed()[mtype]
+    knows = wire.Knows(model=LIM, reference=True, adapters=ADAPTER_KEYS, grad_shape=(2, 6, 8))
+    out = roundtrip(msg)
+    assert out.type == mtype and out.meta == msg.meta
+    wire.check(out, knows)
+    if msg.role == "client":
+        assert out.meta["session"] == CLIENT.session  # a client's every message speaks for its session
+        assert wire.Origin.of(out) == CLIENT
+
+
+@pytest.mark.parametrize("mtype, meta", [
+    (MsgType.WELCOME, {"rounds": 0, "round": 0, "clients": 1}), (MsgType.WELCOME, {"rounds": 2}),
+    (MsgType.ACK, {"rounds": "8"}), (MsgType.ACK, {"aggregated": 1}), (MsgType.HEARTBEAT, {"have": "no"}),
+    (MsgType.ERROR, {"code": 3, "text": "x"}), (MsgType.ERROR, {"code": "internal", "text": "x", "server_round": -1}),
+])
+def test_checkers_refuse_bad_meta(mtype, meta):
+    with pytest.raises(WireError):
+        wire.check(Message(mtype, "server", 0, meta=meta), wire.Knows())
+
+
+def test_check_refuses_a_type_without_checker(monkeypatch):
+    monkeypatch.delitem(wire.CHECKERS, MsgType.BYE)
+    rejects(ErrorCode.BAD_TYPE, wire.check, constructed()[MsgType.BYE], wire.Knows())
+
+
+def test_one_dtype_table():
+    assert wire.WIRE_DTYPES == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert wire.MODEL_DTYPES == {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    assert all(wire.WIRE_DTYPES[wire.wire_name(dt)] == dt for dt in wire.WIRE_DTYPES.values())
+    assert len(ALLOWED_DTYPES) == len(wire.DTYPES) == len({d.dtype for d in wire.DTYPES})
+
+
+def test_stamps_are_replaced_and_read():
+    rid = b"\x00ab"
+    forged = [rid, wire.USER_PREFIX + b"client-1", b"", b"header"]
+    stamped = wire.stamp(forged, "client-0")
+    assert stamped == [rid, b"lesft-user:client-0", b"", b"header"]
+    assert wire.stamped_user(stamped[:3], 0) == "client-0"
+    assert wire.strip_stamps(stamped, 1) == [rid, b"", b"header"]
+    rejects(ErrorCode.UNAUTHORISED, wire.stamped_user, [rid, b""], 0)
