@@ -185,10 +185,13 @@ class Aggregator(Worker):
         # the aggregator answers every request at once, so a waiting client lost it: resend
         self.router.send(wire.heartbeat(self.origin, msg.round, msg.seq, have=False), inbound.envelope)
 
-    def on_upload(self, inbound: Inbound, msg: Message) -> None:
-        if msg.round > self.window_end():
+    def refuse_early(self, msg: Message) -> None:
+        """An upload too far ahead is refused from its header, before its tensors are decoded."""
+        if msg.type == MsgType.UPLOAD and msg.round > self.window_end():
             raise WireError(ErrorCode.NOT_READY, f"round {msg.round} is too far ahead: uploads are taken up to "
                                                  f"round {self.window_end()} now")
+
+    def on_upload(self, inbound: Inbound, msg: Message) -> None:
         if self.latest is not None and msg.round <= self.latest.round:
             # already aggregated (a retried upload): the answer is the broadcast
             self.ack(inbound, msg, aggregated=True)

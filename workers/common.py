@@ -99,8 +99,9 @@ class Worker(Process):
         self.origin = wire.Origin(self.role, self.id, self.run_id)
 
     def admission(self, handlers: dict, sessions: Sessions) -> Callable[[list, Message], None]:
-        """The cheap checks of a received message — run id, type, key identity, session —
-        which :class:`Channel` runs on the header before it decodes any tensor."""
+        """The cheap checks of a received message — run id, type, key identity, session, the
+        role's :meth:`refuse_early` — which :class:`Channel` runs on the header before it
+        decodes any tensor."""
 
         def admit(envelope: list, msg: Message) -> None:
             if msg.run_id != self.run_id:
@@ -113,8 +114,12 @@ class Worker(Process):
             # a heartbeat from an unknown client is answered "have: false" (it then sends HELLO again)
             if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT and msg.sender not in sessions.owner):
                 sessions.check(msg)
+            self.refuse_early(msg)
 
         return admit
+
+    def refuse_early(self, msg: Message) -> None:
+        """A role's own refusals that need only the header (raise `WireError`), run at admission."""
 
     def serve(self, chan: Channel, inbound: Inbound, handlers: dict, sessions: Sessions) -> None:
         """Hand one received message to its handler once it passed :meth:`admission` (run here
