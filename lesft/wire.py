@@ -56,7 +56,6 @@ class MsgType(str, enum.Enum):
 ROLES = frozenset({"client", "server", "aggregator", "broker"})
 
 
-
 @dataclass(frozen=True)
 class DType:
     """One dtype the project names: its header code, its ``--wire-dtype`` name (floating
@@ -587,7 +586,7 @@ def _reference_tensors(msg: Message, reference: bool | None) -> bool:
     (``reference`` given) as the receiver's own method says (the paths are in the fingerprint)."""
     have = [k for k in REF_FIELDS if k in msg.tensors]
     missing = [k for k in REF_FIELDS if k not in msg.tensors]
-    if have and missing or (reference and missing):
+    if missing and (have or reference):
         raise _fail(ErrorCode.MISSING_TENSOR, f"the reference path lacks {missing}")
     if have and reference is False:
         raise _fail(ErrorCode.UNEXPECTED_TENSOR, f"forward carries the reference path {have}, "
