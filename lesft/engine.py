@@ -31,6 +31,7 @@ from lesft.methods import Method
 from lesft.metrics import Meter, merge_token_means
 from lesft.models import ModelSource
 from lesft.split import ClientModel, FullModel, ServerModel, split_point
+from lesft.wire import MODEL_DTYPES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,8 +46,6 @@ def resolve_device(name: str) -> torch.device:
 
 def dtype_of(name: str) -> torch.dtype:
     """The torch dtype of a ``--dtype`` setting (the base weights)."""
-    from lesft.wire import MODEL_DTYPES
-
     return MODEL_DTYPES[name]
 
 
