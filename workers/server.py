@@ -18,20 +18,16 @@ import torch
 import zmq
 
 from lesft import wire
-from lesft.batching import Rows
 from lesft.config import Config
-from lesft.engine import ServerParty, is_step_round, rounds_per_epoch, run_fingerprint
-from lesft.lora import row_keys
+from lesft.engine import ServerParty, is_step_round, mean_loss, rounds_per_epoch, run_fingerprint, sends_reference
 from lesft.methods import get_method
 from lesft.metrics import merge_token_means
 from lesft.models import source_for
 from lesft.trainer import SERVER_FILE, adapter_meta, client_sizes, combine_run, mark_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
-from workers.common import (NOTE_EVERY_S, SERVER_ROUTING_ID, Channel, Inbound, Sessions, Worker, WorkerError,
-                            check_fingerprint, make_socket)
-
-_WIRE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+from workers.common import Sessions, Worker, check_fingerprint
+from workers.transport import NOTE_EVERY_S, SERVER_ROUTING_ID, Channel, Inbound, WorkerError, make_socket
 
 
 @dataclass
@@ -67,8 +63,9 @@ class Server(Worker):
         self.meter.device = str(self.party.device)
         self.fingerprint, self.parts = run_fingerprint(cfg, self.source)
         c = self.source.config
-        self.limits = wire.ModelLimits(hidden_size=int(c.hidden_size), max_length=cfg.data.max_length,
-                                       max_rows=cfg.train.batch_size, vocab_size=int(c.vocab_size))
+        limits = wire.ModelLimits(hidden_size=int(c.hidden_size), max_length=cfg.data.max_length,
+                                  max_rows=cfg.train.batch_size, vocab_size=int(c.vocab_size))
+        self.knows = wire.Knows(model=limits, reference=sends_reference(self.method, cfg))
         self.expected = cfg.data.clients
         self.clients: dict[int, ClientSlot] = {}
         self.rounds: int | None = None
@@ -100,11 +97,9 @@ class Server(Worker):
         self.round, self.rounds = state["round"], state["rounds"]
         self.clients = {int(cid): ClientSlot(n, [], welcomed=False) for cid, n in state["clients"].items()}
         self.sessions.owner.update({int(c): s for c, s in state.get("sessions", {}).items()})
-        dtypes = {v: k for k, v in _WIRE_NAME.items()}
         for cid, c in state.get("replies", {}).items():
-            tensors = {"grad": c["grad"]} if c["grad"] is not None else {}
-            msg = self.message(MsgType.BACKWARD, c["round"], 0, c["meta"], tensors)
-            self.clients[int(cid)].reply = (c["round"], msg, dtypes[c["dtype"]])
+            msg = wire.backward(self.origin, c["round"], 0, **c["meta"], grad=c["grad"])
+            self.clients[int(cid)].reply = (c["round"], msg, wire.WIRE_DTYPES[c["dtype"]])
         self.log.info("resumed from %s at round %d of %d", self.checkpoint_path, self.round, self.rounds)
 
     # ------------------------------------------------------------------ loop
@@ -165,7 +160,6 @@ class Server(Worker):
     # ------------------------------------------------------------------ handlers
 
     def on_hello(self, inbound: Inbound, msg: Message) -> None:
-        wire.check_hello(msg)
         cid = msg.meta["client_id"]
         if cid != msg.sender or cid >= self.expected:
             raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1} "
@@ -195,8 +189,8 @@ class Server(Worker):
                     self._welcome(c_id, s)
 
     def _welcome(self, cid: int, slot: ClientSlot) -> None:
-        meta = {"rounds": self.rounds, "round": self.round, "clients": self.expected}
-        self.chan.send(self.message(MsgType.WELCOME, -1, slot.hello_seq, meta), slot.envelope)
+        self.chan.send(wire.welcome(self.origin, slot.hello_seq, rounds=self.rounds, round=self.round,
+                                    clients=self.expected), slot.envelope)
         slot.welcomed = True
 
     def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
@@ -216,7 +210,7 @@ class Server(Worker):
                 # a heartbeat may cross the reply on the wire: resend only when it looks lost
                 if time.monotonic() - slot.reply_sent > 2 * self.cfg.net.heartbeat_s:
                     self.meter.count("replies_resent")
-                    self.chan.send(slot.reply[1], inbound.envelope, _WIRE_NAME.get(slot.reply[2]))
+                    self.chan.send(slot.reply[1], inbound.envelope, wire.wire_name(slot.reply[2]))
                     slot.reply_sent = time.monotonic()
             elif msg.sender in self.held and self.held[msg.sender][1] == msg.seq:
                 have = True  # served in the open round: the reply leaves when the round closes
@@ -227,20 +221,19 @@ class Server(Worker):
                 have = (req is not None and req.msg.seq == msg.seq) or (bye is not None and bye[1] == msg.seq)
                 if bye is not None and have:
                     self.byes[msg.sender] = (inbound.envelope, msg.seq)
-        self.reply(inbound, self.message(MsgType.HEARTBEAT, msg.round, msg.seq, {"have": have}))
+        self.reply(inbound, wire.heartbeat(self.origin, msg.round, msg.seq, have))
 
     def on_forward(self, inbound: Inbound, msg: Message) -> None:
         slot = self.clients[msg.sender]
         if self.rounds is None:
             raise WireError(ErrorCode.NOT_READY, "the run has not started: waiting for all clients to register")
-        wire.check_forward(msg, self.limits)
         slot.last_seen = time.monotonic()
         if msg.round < self.round or (msg.round == self.round and msg.sender in self.served):
             if slot.reply is not None and slot.reply[0] == msg.round:
                 self.meter.count("repeated_requests")
                 _, cached, dtype = slot.reply
                 cached.seq = msg.seq
-                self.reply(inbound, cached, _WIRE_NAME.get(dtype))
+                self.reply(inbound, cached, wire.wire_name(dtype))
                 return
             if msg.round == self.round:  # served, reply not sent yet (round still open): keep the newest envelope
                 self.held[msg.sender] = (inbound.envelope, msg.seq)
@@ -328,14 +321,10 @@ class Server(Worker):
     def process(self, ids: list[int]) -> None:
         bucket = self.pending[self.round]
         requests = [bucket.pop(c) for c in ids]
-        seed = self.cfg.train.seed
-        parts = [Rows.from_tensors(q.msg.tensors, row_keys(seed, q.msg.sender, q.msg.round, q.msg.tensors["act"].shape[0]))
-                 for q in requests]
+        parts = [self.party.rows(q.msg.tensors, q.msg.sender, q.msg.round) for q in requests]
         res = self.party.process(parts, want_grad=self.method.client_trains)
-        for q, grad, loss, valid in zip(requests, res.grads, res.losses, res.valid_rows):
-            meta = {"loss": loss if loss == loss else 0.0, "valid_rows": valid}
-            reply = self.message(MsgType.BACKWARD, q.msg.round, q.msg.seq, meta,
-                                 {"grad": grad} if grad is not None else {})
+        for q, grad, loss_sum, valid in zip(requests, res.grads, res.loss_sums, res.valid_rows):
+            reply = wire.backward(self.origin, q.msg.round, q.msg.seq, loss_sum=loss_sum, valid_rows=valid, grad=grad)
             # replies leave only when the round is closed and checkpointed (see close_round)
             self.round_replies[q.msg.sender] = (reply, q.msg.tensors["act"].dtype)
             self.held[q.msg.sender] = (q.envelope, q.msg.seq)
@@ -350,10 +339,10 @@ class Server(Worker):
 
     def _accumulate(self, res) -> None:
         acc = self.round_acc
-        acc["loss_sum"] = acc.get("loss_sum", 0.0) + sum(l * v for l, v in zip(res.losses, res.valid_rows) if v)
+        acc["loss_sum"] = acc.get("loss_sum", 0.0) + sum(res.loss_sums)
         acc["rows"] = acc.get("rows", 0) + sum(res.valid_rows)
         acc["microbatches"] = acc.get("microbatches", 0) + 1
-        merge_token_means(self.round_stats, {k: v for k, v in res.stats.items() if k not in ("loss", "rows")})
+        merge_token_means(self.round_stats, {k: v for k, v in res.stats.items() if k != "rows"})
 
     def close_round(self, failed: bool = False) -> None:
         """Step at the end of a window, checkpoint, then release the round's replies.
@@ -365,7 +354,7 @@ class Server(Worker):
         stepped = is_step_round(r, self.rounds, self.cfg.train.grad_accum) and self.party.step()
         acc, self.round_acc = self.round_acc, {}
         stats, self.round_stats = self.round_stats, {}
-        record = {"round": r, "rounds": self.rounds, "loss": acc.get("loss_sum", 0.0) / max(acc.get("rows", 0), 1),
+        record = {"round": r, "rounds": self.rounds, "loss": mean_loss(acc.get("loss_sum", 0.0), acc.get("rows", 0)),
                   "rows": acc.get("rows", 0), "tokens": stats.pop("tokens", 0), "clients": sorted(self.served),
                   "microbatches": acc.get("microbatches", 0), "stepped": stepped, "failed": failed,
                   "act_tokens": acc.get("act_tokens", 0), "ref_tokens": acc.get("ref_tokens", 0),
@@ -388,13 +377,13 @@ class Server(Worker):
             envelope, seq = self.held.pop(cid, (None, reply.seq))
             if envelope is not None:
                 reply.seq = seq
-                self.chan.send(reply, envelope, _WIRE_NAME.get(dtype))
+                self.chan.send(reply, envelope, wire.wire_name(dtype))
                 self.clients[cid].reply_sent = time.monotonic()
         if self.round >= self.rounds and len(self.byes) >= len(self.clients):
             self.complete_run()
 
     def save_checkpoint(self) -> None:
-        cache = {cid: {"round": s.reply[0], "meta": s.reply[1].meta, "dtype": _WIRE_NAME[s.reply[2]],
+        cache = {cid: {"round": s.reply[0], "meta": s.reply[1].meta, "dtype": wire.wire_name(s.reply[2]),
                        "grad": s.reply[1].tensors.get("grad")}
                  for cid, s in self.clients.items() if s.reply is not None}
         with self.meter.phase("checkpoint"):
@@ -418,7 +407,7 @@ class Server(Worker):
             mark_run(self.run_dir, complete=True, rounds=self.rounds)
             self.done_at = time.monotonic()
         for envelope, seq in self.byes.values():
-            self.chan.send(self.message(MsgType.DONE, -1, seq), envelope)
+            self.chan.send(wire.done(self.origin, seq), envelope)
 
 
 class CentralizedServer(Worker):
