@@ -35,7 +35,7 @@ from lesft.answers import _RESTART, extract_answer, is_correct, wilson_interval
 from lesft.batching import collate, encode_all
 from lesft.config import ConfigError, LoraSettings
 from lesft.data import DataError, Example
-from lesft.engine import head_logprobs
+from lesft.loss import head_logprobs
 from lesft.loss import sft_token_loss
 from lesft.lora import AdapterError
 from lesft.models import ModelSource

@@ -35,7 +35,7 @@ def tiny_cfg(tmp_path: Path, **over) -> Config:
 
 @pytest.fixture()
 def keys(tmp_path) -> Path:
-    from lesft.commands_keys import generate_keys
+    from lesft.cli.keys import generate_keys
 
     out = tmp_path / "keys"
     generate_keys(out, 2)

@@ -81,7 +81,7 @@ def run_dir_for(cfg: Config, existing: str = "any") -> Path:
     The worker entry point (``workers.main``) checks it first with ``existing="join"``: a
     worker refuses a finished run's folder unless told ``--resume`` or ``--overwrite``.
     """
-    from lesft.trainer import open_run_dir
+    from lesft.runs import open_run_dir
 
     return open_run_dir(cfg, existing, default_id="default")
 

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from lesft.cli import app, console
-from lesft.cli_options import fail, guarded
+from lesft.cli.console import console
 from lesft.config import Config
+from lesft.options import fail, guarded
 
 
 def _run_config(run: Path) -> Config:
@@ -30,7 +30,6 @@ def _loss_line(cfg: Config) -> str:
     return f"{what}: {cfg.run.note}" if cfg.run.note else what
 
 
-@app.command()
 @guarded
 def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-id>)"),
             eval_n: int = typer.Option(50, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
@@ -54,7 +53,7 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
         tok = source.load_tokenizer()
         split, name, scorer = "test", cfg.data.dataset, None
         if eval_data is not None:  # the user's own file (lesft eval --data scores the same way)
-            from lesft.commands_eval import own_eval_examples
+            from lesft.cli.eval import own_eval_examples
 
             examples, scorer = own_eval_examples(cfg.replace(data=str(eval_data)), tok, eval_n)
             split, name = "exact final answer", eval_data.name
@@ -78,13 +77,12 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
     print_run_summary(run, console, extra, heldout=losses if eval_n > 0 else None)
 
 
-@app.command()
 @guarded
 def combine(run: Path = typer.Option(..., "--run", help="run folder holding both sides' adapter files")) -> None:
     """Combine per-side adapters into one PEFT adapter (when the parties ran on different machines)."""
     from lesft.methods import get_method
     from lesft.models import source_for
-    from lesft.trainer import combine_run
+    from lesft.export import combine_run
 
     cfg = _run_config(run)
     source = source_for(cfg)
@@ -92,7 +90,6 @@ def combine(run: Path = typer.Option(..., "--run", help="run folder holding both
         console.print(f"wrote {path}")
 
 
-@app.command()
 @guarded
 def export(run: Path = typer.Option(..., "--run", help="finished run folder"),
            merge: Path = typer.Option(..., "--merge", help="output folder of the merged Hugging Face model"),

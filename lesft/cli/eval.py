@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 import typer
 from rich.table import Table
 
-from lesft.cli import app, console
-from lesft.cli_options import config_command, fail
+from lesft.cli.console import console
 from lesft.config import Config, ModelConfig
+from lesft.options import config_command, fail
 
 DEFAULT_BATCH = 16
 
@@ -76,7 +75,6 @@ def default_output(adapter: str | None, dataset: str, split: str, runs_dir: str)
     return folder.parent / (name if folder.name == "adapter" else f"eval-{folder.name}-{dataset}-{split}.jsonl")
 
 
-@app.command("eval")
 @_own_batch_size
 @config_command(only=("model", "cache_dir", "dtype", "dataset", "data_dir", "data_seed", "device", "threads", "runs_dir",
                       "data", "data_fields", "max_length"))
@@ -100,7 +98,7 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from lesft.data import load_examples
-    from lesft.engine import dtype_of, resolve_device
+    from lesft.engine import dtype_of, resolve_device, set_threads
     from lesft.evaluate import evaluate, load_for_eval, write_records, write_summary
     from lesft.models import source_for
 
@@ -110,8 +108,7 @@ def eval_command(
         fail(f"--max-new-tokens {max_new_tokens} is not valid: it must be >= 1.")
     if gen_batch_size < 1:
         fail(f"--batch-size {gen_batch_size} is not valid: it must be >= 1.")
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg)
     if adapter and (Path(adapter) / "adapter").is_dir() and not (Path(adapter) / "adapter_config.json").is_file():
         fail(f"{adapter} is a run folder: pass --adapter {Path(adapter) / 'adapter'}.")
     if adapter and cfg.model.model == ModelConfig().model:  # --model not given: the adapter's own base
