@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from lesft.atomic import atomic_write
 from lesft.errors import ConfigError
 from lesft.methods import METHODS
 
@@ -289,10 +290,7 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved settings as JSON (atomically: parallel workers may write it too)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def to_toml(self) -> str:
         """The resolved settings as TOML that :func:`build_config` reads back identically."""
