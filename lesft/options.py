@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import typer
 import typer.core
+from rich.console import Console
 from rich.markup import escape
 
 from lesft.config import Config, ConfigError, build_config, leaf_fields
@@ -107,8 +108,6 @@ def _default_text(f: dataclasses.Field) -> str:
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:
     """End a command with one clear red line (no traceback)."""
-    from rich.console import Console
-
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 

@@ -12,9 +12,11 @@ from typing import Optional
 
 import typer
 
+from lesft.answers import extract_answer, is_correct, truncate_continuation
 from lesft.atomic import atomic_write
 from lesft.cli.console import console
 from lesft.config import Config
+from lesft.data import load_examples
 from lesft.options import config_command, fail
 
 COT_CUE = " Let's think step by step."
@@ -24,8 +26,7 @@ def distill_chains(teacher, tok, examples, n: int, *, max_new_tokens: int, batch
                    on_chunk=None) -> tuple[list[dict], int]:
     """Generate chains for ``examples`` in chunks until ``n`` correct ones are kept.
     Returns (kept records, questions tried)."""
-    from lesft.answers import extract_answer, is_correct, truncate_continuation
-    from lesft.evaluate import generate
+    from lesft.evaluate import generate  # here: it loads torch and transformers
 
     kept: list[dict] = []
     tried = 0
@@ -55,7 +56,6 @@ def distill(teacher: str = typer.Option(..., "--teacher", help="teacher model: a
             gen_batch_size: int = typer.Option(8, "--gen-batch-size", help="prompts generated together"),
             *, cfg: Config) -> None:
     """Write teacher chains of thought that `--teacher-cot FILE` reads (only correctly answered ones)."""
-    from lesft.data import load_examples
     from lesft.engine import resolve_device
     from lesft.evaluate import load_for_eval
     from lesft.models import resolve

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import random
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from lesft.cli.console import console
 from lesft.config import Config, ModelConfig
+from lesft.data import load_examples
+from lesft.data.files import Scorer, load_data_file
 from lesft.options import config_command, fail
 
 DEFAULT_BATCH = 16
@@ -46,8 +51,6 @@ def _own_batch_size(command: Callable) -> Callable:
 def adapter_base_model(adapter: str) -> str | None:
     """The base model an adapter folder was trained on: lesft's own record of the run's local
     folder (or model name), else PEFT's ``base_model_name_or_path`` when it is a folder here."""
-    import json
-
     folder = Path(adapter).expanduser()
     try:
         meta = json.loads((folder / "lesft.json").read_text())
@@ -95,9 +98,6 @@ def eval_command(
     *, cfg: Config) -> None:
     """Greedy-decode a dataset split, or your own file (--data test.jsonl), and report accuracy
     with its 95% Wilson interval."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from lesft.data import load_examples
     from lesft.engine import dtype_of, resolve_device, set_threads
     from lesft.evaluate import evaluate, load_for_eval, write_records, write_summary
     from lesft.models import source_for
@@ -161,10 +161,6 @@ def eval_command(
 def own_eval_examples(cfg: Config, tokenizer, limit: int | None, answer_regex: str | None = None,
                       extract: str | None = None):
     """The examples of the held-out file ``--data`` (a seeded sample of ``limit``) and their scorer."""
-    import random
-
-    from lesft.data.files import Scorer, load_data_file
-
     scorer = Scorer(answer_regex, extract)
     examples = load_data_file(cfg.data.data, tokenizer, fields=cfg.data.data_fields).examples
     if limit is not None and limit < len(examples):

@@ -9,7 +9,10 @@ import typer
 
 from lesft.cli.console import console
 from lesft.config import Config
+from lesft.data import load_examples
+from lesft.methods import get_method
 from lesft.options import fail, guarded
+from lesft.report import EvalProgress, print_run_summary
 
 
 def _run_config(run: Path) -> Config:
@@ -20,8 +23,6 @@ def _run_config(run: Path) -> Config:
 
 def _loss_line(cfg: Config) -> str:
     """The loss the run trained with, and why (the run's ``note``), on one line."""
-    from lesft.methods import get_method
-
     method = get_method(cfg.train.method)
     name = getattr(cfg.loss, "loss", "lesft") if cfg.train.method == "lesft" else "nll"
     if cfg.train.method == "lesft" and name == "lesft" and cfg.loss.lesft_nll_mix:
@@ -39,10 +40,8 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
             batch_size: int = typer.Option(16, "--batch-size", help="questions generated together"),
             ) -> None:
     """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
-    from lesft.evaluate import evaluate, load_for_eval, probe_loss
-    from lesft.data import load_examples
+    from lesft.evaluate import evaluate, load_for_eval, probe_loss  # here: these load torch and transformers
     from lesft.models import source_for
-    from lesft.report import EvalProgress, print_run_summary
 
     cfg = _run_config(run)
     extra: list[tuple[str, str]] = [("loss", _loss_line(cfg))]
@@ -80,9 +79,8 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
 @guarded
 def combine(run: Path = typer.Option(..., "--run", help="run folder holding both sides' adapter files")) -> None:
     """Combine per-side adapters into one PEFT adapter (when the parties ran on different machines)."""
-    from lesft.methods import get_method
-    from lesft.models import source_for
     from lesft.export import combine_run
+    from lesft.models import source_for
 
     cfg = _run_config(run)
     source = source_for(cfg)

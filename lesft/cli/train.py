@@ -13,6 +13,9 @@ from rich.table import Table
 from lesft.cli.console import console
 from lesft.config import Config, leaf_fields
 from lesft.options import config_command, fail
+from lesft.report import RoundProgress, print_run_summary
+from lesft.runs import RunInterrupted, mark_run, new_run_id, run_path
+from workers.launch import LaunchError, Proc, interrupt_on_signals, launch, progress_records
 
 
 @config_command
@@ -45,8 +48,7 @@ def train(inprocess: bool = typer.Option(False, "--inprocess", help="run all par
           overwrite: bool = typer.Option(False, "--overwrite", help="delete the run already in --run-id's folder first"),
           *, cfg: Config) -> None:
     """Fine-tune: the in-process trainer, or the multi-process pipeline over ZeroMQ (default)."""
-    from lesft.runs import RunInterrupted, new_run_id
-    from lesft.trainer import check_local_data
+    from lesft.trainer import check_local_data  # here, as every use of the trainer: it loads torch and transformers
 
     for own in check_local_data(cfg):  # every client's own file (--client-data), before any party starts
         console.print(f"own data {own.describe()}", highlight=False)
@@ -71,10 +73,7 @@ def train(inprocess: bool = typer.Option(False, "--inprocess", help="run all par
 
 
 def _train_inprocess(cfg: Config, existing: str = "new") -> None:
-    from lesft.report import RoundProgress, print_run_summary
-    from lesft.runs import RunInterrupted, mark_run, run_path
     from lesft.trainer import train_inprocess
-    from workers.launch import interrupt_on_signals
 
     history: list[dict] = []
     with RoundProgress(console, f"{cfg.train.method} in-process") as progress:
@@ -97,9 +96,7 @@ def _train_inprocess(cfg: Config, existing: str = "new") -> None:
 def _train_pipeline(cfg: Config, existing: str = "new") -> None:
     """The whole pipeline on this machine, with a progress bar (one line per round when the
     output is not a terminal)."""
-    from lesft.report import RoundProgress, print_run_summary
     from lesft.trainer import preflight
-    from workers.launch import LaunchError, Proc, launch, progress_records
 
     with RoundProgress(console, f"{cfg.train.method} pipeline") as progress:
         seen = {"t": 0.0}
