@@ -11,7 +11,9 @@ import typer
 
 from bench.common import (bench_command, console, machine_info, make_out_dir, markdown_table, random_note, rich_table,
                           write_results)
-from bench.experiments import (check_names, grid_cells, grid_progress, parse_seeds, plot_accuracy, run_grid, stats_json,
+from bench.experiments import (BASELINE_OPTION, EVAL_BATCH_SIZE_OPTION, FIRST_LINE_OPTION, LIMIT_OPTION,
+                               MAX_NEW_TOKENS_OPTION, METHODS_HELP, OUT_OPTION, PIPELINE_OPTION, SEEDS_OPTION,
+                               check_names, grid_cells, grid_progress, parse_seeds, plot_accuracy, run_grid, stats_json,
                                stats_rows, validate_cells)
 from bench.results import write_report
 from lesft.config import Config
@@ -20,20 +22,17 @@ from lesft.methods import table_order
 
 @bench_command("accuracy", kind="paper", order=5)
 def accuracy_command(
-    methods: str = typer.Option(",".join(("base", *table_order())), "--methods",
-                                help="methods and loss variants (nlft, kd, kd-base, smooth, excess, power)"),
+    methods: str = typer.Option(",".join(("base", *table_order())), "--methods", help=METHODS_HELP),
     datasets: str = typer.Option("gsm8k,commonsenseqa,aqua_rat", "--datasets", help="datasets, comma-separated"),
     samples: Optional[int] = typer.Option(None, "--samples", help="training examples in all (split over clients)"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="seeds 0,1,2: each sets the training seed and the "
-                                                             "data-sample seed; evaluation questions stay fixed"),
-    baseline: str = typer.Option("splitlora", "--baseline", help="method the paired differences are taken to"),
-    limit: int = typer.Option(100, "--limit", help="evaluation questions per cell"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="generation budget per question"),
-    eval_batch_size: int = typer.Option(8, "--eval-batch-size", help="prompts generated together"),
-    first_line: bool = typer.Option(False, "--first-line", help="stop answers at their first newline (faster; "
-                                                               "training targets are one line)"),
-    pipeline: bool = typer.Option(False, "--pipeline", help="train through the worker processes (same result)"),
-    out: Optional[str] = typer.Option(None, "--out", help="output folder (rerun with it to resume)"),
+    seeds: Optional[str] = SEEDS_OPTION,
+    baseline: str = BASELINE_OPTION,
+    limit: int = LIMIT_OPTION,
+    max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
+    eval_batch_size: int = EVAL_BATCH_SIZE_OPTION,
+    first_line: bool = FIRST_LINE_OPTION,
+    pipeline: bool = PIPELINE_OPTION,
+    out: Optional[str] = OUT_OPTION,
     train_runs: Optional[str] = typer.Option(None, "--train-runs", help="folder for the cells' run folders "
                                                                        "(default <out>/runs)"),
     report: Optional[str] = typer.Option(None, "--report", help="also write this markdown results document"),

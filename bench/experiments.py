@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+import typer
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -223,6 +224,20 @@ def run_grid(cfg: Config, cells: Sequence[Cell], out_dir: Path, *,
 
 
 # --------------------------------------------------------------------------- the grid commands' pieces
+
+
+# the options both grid commands (accuracy, sweep) offer
+METHODS_HELP = "methods and loss variants (nlft, kd, kd-base, smooth, excess, power)"
+SEEDS_OPTION = typer.Option(None, "--seeds", help="seeds 0,1,2: each sets the training seed and the "
+                                                  "data-sample seed; evaluation questions stay fixed")
+BASELINE_OPTION = typer.Option("splitlora", "--baseline", help="method the paired differences are taken to")
+LIMIT_OPTION = typer.Option(100, "--limit", help="evaluation questions per cell")
+MAX_NEW_TOKENS_OPTION = typer.Option(256, "--max-new-tokens", help="generation budget per question")
+EVAL_BATCH_SIZE_OPTION = typer.Option(8, "--eval-batch-size", help="prompts generated together")
+FIRST_LINE_OPTION = typer.Option(False, "--first-line", help="stop answers at their first newline (faster; "
+                                                             "training targets are one line)")
+PIPELINE_OPTION = typer.Option(False, "--pipeline", help="train through the worker processes (same result)")
+OUT_OPTION = typer.Option(None, "--out", help="output folder (rerun with it to resume)")
 
 
 def grid_progress(total: int):

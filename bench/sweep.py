@@ -9,7 +9,9 @@ import typer
 
 from bench.common import (bench_command, console, machine_info, make_out_dir, markdown_table, random_note, rich_table,
                           write_results)
-from bench.experiments import (check_names, grid_cells, grid_progress, parse_param, parse_seeds, plot_sweep, run_grid,
+from bench.experiments import (BASELINE_OPTION, EVAL_BATCH_SIZE_OPTION, FIRST_LINE_OPTION, LIMIT_OPTION,
+                               MAX_NEW_TOKENS_OPTION, METHODS_HELP, OUT_OPTION, PIPELINE_OPTION, SEEDS_OPTION,
+                               check_names, grid_cells, grid_progress, parse_param, parse_seeds, plot_sweep, run_grid,
                                stats_json, stats_rows, validate_cells)
 from lesft.config import Config
 
@@ -18,18 +20,15 @@ from lesft.config import Config
 def sweep_command(
     param: str = typer.Option(..., "--param", help="name=v1,v2,...: split_ratio, samples_per_client, clients, "
                                                    "paths, gamma_nonsalient or any setting"),
-    methods: str = typer.Option("lesft,splitlora,sl", "--methods",
-                                help="methods and loss variants (nlft, kd, kd-base, smooth, excess, power)"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="seeds 0,1,2: each sets the training seed and the "
-                                                             "data-sample seed; evaluation questions stay fixed"),
-    baseline: str = typer.Option("splitlora", "--baseline", help="method the paired differences are taken to"),
-    limit: int = typer.Option(100, "--limit", help="evaluation questions per cell"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="generation budget per question"),
-    eval_batch_size: int = typer.Option(8, "--eval-batch-size", help="prompts generated together"),
-    first_line: bool = typer.Option(False, "--first-line", help="stop answers at their first newline (faster; "
-                                                               "training targets are one line)"),
-    pipeline: bool = typer.Option(False, "--pipeline", help="train through the worker processes (same result)"),
-    out: Optional[str] = typer.Option(None, "--out", help="output folder (rerun with it to resume)"),
+    methods: str = typer.Option("lesft,splitlora,sl", "--methods", help=METHODS_HELP),
+    seeds: Optional[str] = SEEDS_OPTION,
+    baseline: str = BASELINE_OPTION,
+    limit: int = LIMIT_OPTION,
+    max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
+    eval_batch_size: int = EVAL_BATCH_SIZE_OPTION,
+    first_line: bool = FIRST_LINE_OPTION,
+    pipeline: bool = PIPELINE_OPTION,
+    out: Optional[str] = OUT_OPTION,
     *, cfg: Config) -> None:
     """Figs. 3-5 and 7, Table 3: accuracy over one setting's values, per method and seed (a resumable grid)."""
     from lesft.engine import set_threads  # here: lesft.engine loads transformers
