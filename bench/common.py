@@ -9,12 +9,17 @@ bench chooses what a reader sees while the files keep every field.
 
 Timing follows nanoGPT's ``bench.py``: warm up, synchronise the device around the timer,
 report rates and ratios against a baseline measured in the same process.
+
+Each benchmark module owns its ``lesft bench <name>`` command: it defines it with
+:func:`bench_command`, and :mod:`lesft.cli.bench` registers every one it finds in
+``bench/``. A new benchmark is one module here plus a row of ``bench/README.md``.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -24,6 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from rich.console import Console
+
+from lesft.metrics import to_jsonable
+from lesft.options import config_command, fail, guarded
 
 
 class BenchError(ValueError):
@@ -271,28 +281,11 @@ def rich_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[ColumnSpec] 
 # --------------------------------------------------------------------------- files
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
-        try:
-            return _jsonable(x.item())
-        except (TypeError, ValueError):
-            pass
-    return x
-
-
 def _csv_value(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return "x".join(map(str, v))
     if isinstance(v, Mapping):
-        return json.dumps(_jsonable(v), sort_keys=True)
+        return json.dumps(to_jsonable(v), sort_keys=True)
     return v
 
 
@@ -315,10 +308,103 @@ def write_results(out_dir: str | Path, name: str, rows: Sequence[Mapping[str, An
         for r in rows:
             w.writerow({k: _csv_value(r.get(k)) for k in keys})
     doc = {"name": name, "machine": machine, "config": config, "rows": list(rows)}
-    paths["json"].write_text(json.dumps(_jsonable(doc), indent=2) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(to_jsonable(doc), indent=2) + "\n", encoding="utf-8")
     md = [f"# {title or name}", "", f"Machine: {machine_line(machine)}", "", markdown_table(rows, columns)]
     notes = list(notes)
     if notes:
         md += [""] + [f"- {n}" for n in notes] + [""]
     paths["md"].write_text("\n".join(md), encoding="utf-8")
     return paths
+
+
+# --------------------------------------------------------------------------- commands
+
+console = Console()
+
+KINDS = ("paper", "micro")  # the paper's tables and figures on real runs; micro-benchmarks
+
+
+@dataclass(frozen=True)
+class BenchCommand:
+    """A benchmark's ``lesft bench <name>`` command: ``callback`` is the typer command
+    function, ``kind`` one of :data:`KINDS`, ``order`` its place in the help screen."""
+
+    name: str
+    callback: Callable[..., None]
+    kind: str
+    order: int
+
+
+def bench_command(name: str, *, kind: str, order: int, settings: bool = True,
+                  only: Sequence[str] | None = None) -> Callable[[Callable[..., None]], BenchCommand]:
+    """Make a benchmark's function its ``lesft bench <name>`` command.
+
+    ``settings``: the function takes ``cfg: Config`` and gets every setting as a flag
+    (``only``: just those it reads, as :func:`lesft.options.config_command`); without,
+    it is a plain command. Either way a :class:`BenchError` or a user error ends in one
+    red line.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"bench_command({name!r}): kind {kind!r} is not one of {KINDS}")
+
+    def wrap(func: Callable[..., None]) -> BenchCommand:
+        @functools.wraps(func)
+        def one_line(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except BenchError as e:
+                fail(str(e))
+
+        callback = config_command(one_line, only=only) if settings else guarded(one_line)
+        return BenchCommand(name, callback, kind, order)
+
+    return wrap
+
+
+def make_out_dir(out: str | None, name: str, runs_dir: str | Path) -> Path:
+    """``--out``, or ``<runs_dir>/bench/<name>-<time>``, created now: an unwritable folder
+    fails before the measurements, not after."""
+    path = Path(out) if out else default_out_dir(name, runs_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def print_table(table) -> None:
+    """Print a wide table whole when the output is a file or pipe (rich assumes 80 columns there)."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(file=console.file, width=200).print(table)
+
+
+def target_note(t: Mapping[str, Any]) -> str:
+    """A target as a line of the results: ``<target>: <value> (met|missed)``."""
+    return f"{t['target']}: {t['value']:.4g} ({'met' if t['met'] else 'missed'})"
+
+
+def print_targets(targets: Iterable[Mapping[str, Any]]) -> None:
+    for t in targets:
+        mark = "[green]met[/]" if t["met"] else "[red]missed[/]"
+        console.print(f"target: {t['target']}: {t['value']:.4g} -> {mark}", highlight=False)
+
+
+def print_files(machine: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
+    """The footer of a micro-benchmark: where it ran and the files it wrote."""
+    console.print(f"machine: {machine_line(machine)}", highlight=False)
+    console.print(f"results: {paths['csv']}  {paths['json']}  {paths['md']}", highlight=False)
+
+
+def parse_methods(spec: str, allowed: Sequence[str]) -> list[str]:
+    """``--methods a,b``: the names, each one of ``allowed``."""
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in names if m not in allowed]
+    if bad or not names:
+        raise BenchError(f"--methods {spec!r}: unknown {', '.join(bad) or '(none given)'}; "
+                         f"use some of {', '.join(allowed)}.")
+    return names
+
+
+def random_note(cfg) -> list[str]:
+    """The warning every output of a run on random weights (``--model arch:...``) carries."""
+    return ["model with RANDOM WEIGHTS (architecture preset): speed and memory only"] \
+        if cfg.model.model.startswith("arch:") else []

@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-from lesft.config import Config
+import typer
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from bench.common import BenchError, console, parse_methods
+from bench.stats import method_stats
+from lesft.atomic import atomic_write
+from lesft.config import Config, ConfigError, leaf_fields
+from lesft.methods import METHODS, get_method
+from lesft.schedule import total_rounds
 
 # ``--methods`` names that are method lesft with other loss settings (the loss variants of
 # issue 10), in one table: name -> (train method, settings overrides, what it is).
@@ -47,8 +55,6 @@ def resolve_method(name: str) -> tuple[str, dict]:
 
 def method_names() -> tuple[str, ...]:
     """Every name ``--methods`` accepts."""
-    from lesft.methods import METHODS
-
     return ("base", *METHODS, *VARIANTS)
 
 
@@ -75,8 +81,6 @@ class Cell:
 
 def parse_param(spec: str) -> tuple[str, list[str]]:
     """``"split_ratio=1/2,1/3"`` -> ("split_ratio", ["1/2", "1/3"])."""
-    from lesft.config import ConfigError, leaf_fields
-
     if "=" not in spec:
         raise ConfigError(f"--param {spec!r} needs the form name=v1,v2 (e.g. split_ratio=1/2,1/3,1/4,1/5).")
     name, values = spec.split("=", 1)
@@ -90,13 +94,6 @@ def parse_param(spec: str) -> tuple[str, list[str]]:
     return name, vals
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def cell_config(cfg: Config, cell: Cell, runs_dir: Path) -> Config:
     """The settings one cell trains with (its method, variant, overrides and seed)."""
     method, variant = resolve_method(cell.method)
@@ -107,9 +104,7 @@ def cell_config(cfg: Config, cell: Cell, runs_dir: Path) -> Config:
 
 def trained_target_tokens(cfg: Config, tokenizer) -> int:
     """Target tokens the run trains on, all parties and epochs together (a cell's compute)."""
-    from lesft.batching import encode_all
-    from lesft.engine import total_rounds
-    from lesft.methods import get_method
+    from lesft.batching import encode_all  # here: lesft.batching and lesft.trainer load torch
     from lesft.trainer import client_shards, party_layout
 
     shards, b = party_layout(get_method(cfg.train.method), cfg, client_shards(cfg))
@@ -189,8 +184,6 @@ _EVAL_KEYS = {"limit": "n", "max_new_tokens": "max_new_tokens", "first_line": "f
 def _check_same_evaluation(record: dict, path: Path, kwargs: Mapping) -> None:
     """A finished cell evaluated otherwise (another --limit, --max-new-tokens, --first-line)
     must not be mixed into this grid."""
-    from lesft.config import ConfigError
-
     for arg, key in _EVAL_KEYS.items():
         if arg in kwargs and key in record and record[key] != kwargs[arg]:
             flag = "--" + arg.replace("_", "-")
@@ -224,11 +217,99 @@ def run_grid(cfg: Config, cells: Sequence[Cell], out_dir: Path, *,
             continue
         else:
             record = (run or run_cell)(cfg, cell, out_dir, **kwargs)
-            _atomic_json(path, record)
+            atomic_write(path, json.dumps(record, indent=2, default=str) + "\n")
         results.append(record)
         if progress:
             progress(cell, record, cached)
     return results
+
+
+# --------------------------------------------------------------------------- the grid commands' pieces
+
+
+# the options both grid commands (accuracy, sweep) offer
+METHODS_HELP = "methods and loss variants (nlft, kd, kd-base, smooth, excess, power)"
+SEEDS_OPTION = typer.Option(None, "--seeds", help="seeds 0,1,2: each sets the training seed and the "
+                                                  "data-sample seed; evaluation questions stay fixed")
+BASELINE_OPTION = typer.Option("splitlora", "--baseline", help="method the paired differences are taken to")
+LIMIT_OPTION = typer.Option(100, "--limit", help="evaluation questions per cell")
+MAX_NEW_TOKENS_OPTION = typer.Option(256, "--max-new-tokens", help="generation budget per question")
+EVAL_BATCH_SIZE_OPTION = typer.Option(8, "--eval-batch-size", help="prompts generated together")
+FIRST_LINE_OPTION = typer.Option(False, "--first-line", help="stop answers at their first newline (faster; "
+                                                             "training targets are one line)")
+PIPELINE_OPTION = typer.Option(False, "--pipeline", help="train through the worker processes (same result)")
+OUT_OPTION = typer.Option(None, "--out", help="output folder (rerun with it to resume)")
+
+
+def grid_progress(total: int):
+    """A bar over the grid's cells, and a callback that also prints one line per cell
+    (readable in a log file, where the bar does not show)."""
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    task = progress.add_task("grid", total=total)
+    done = {"n": 0}
+
+    def tick(cell, record: dict, cached: bool) -> None:
+        done["n"] += 1
+        what = "finished earlier" if cached else (f"trained {record.get('train_s', 0):.0f} s, "
+                                                  f"evaluated {record.get('eval_s', 0):.0f} s")
+        progress.console.print(f"cell {done['n']}/{total} {cell.key}: {100 * record['accuracy']:.1f}% ({what})",
+                               highlight=False)
+        progress.update(task, advance=1, description=cell.key[:40])
+
+    return progress, tick
+
+
+def parse_seeds(spec: Optional[str]) -> list[Optional[int]]:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]``; none given: ``[None]`` (the settings' own seed)."""
+    if not spec:
+        return [None]
+    try:
+        seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--seeds {spec!r}: give integers separated by commas, e.g. --seeds 0,1,2.") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise BenchError(f"--seeds {spec!r}: give distinct integers, e.g. --seeds 0,1,2.")
+    return seeds
+
+
+def grid_cells(names: list[str], overrides: dict, seeds: list[Optional[int]]):
+    """``base`` once (it trains nothing), then every method seed by seed: a grid cut short
+    has all methods on its first seeds."""
+    return ([Cell("base", dict(overrides))] if "base" in names else []) + \
+        [Cell(m, dict(overrides), seed=s) for s in seeds for m in names if m != "base"]
+
+
+def stats_rows(rows: list[dict], names: list[str], seeds: list[Optional[int]],
+               baseline: str) -> tuple[list, list[dict]]:
+    """MethodStats per method and their display rows (percent)."""
+    stats = method_stats(rows, names, seeds, baseline=baseline if baseline in names else None)
+    table = []
+    for st in stats:
+        mine = [r for r in rows if r["method"] == st.method]
+        line = {"method": st.method, "seeds": len(st.seeds) or "-",
+                "accuracy % [95% CI]": f"{100 * st.mean:.1f} [{100 * st.ci_low:.1f}, {100 * st.ci_high:.1f}]",
+                "std": f"{100 * st.std:.1f}", "per seed": " ".join(f"{100 * v:.1f}" for v in st.values)}
+        if st.diff is not None and st.method != baseline:
+            verdict = {True: "above", False: "below", None: "CI contains 0"}[st.beats_baseline]
+            line[f"vs {baseline} (paired) [95% CI]"] = (f"{100 * st.diff:+.1f} [{100 * st.diff_low:+.1f}, "
+                                                        f"{100 * st.diff_high:+.1f}] {verdict}")
+        else:
+            line[f"vs {baseline} (paired) [95% CI]"] = "-"
+        line["train s"] = f"{sum(r.get('train_s') or 0 for r in mine) / max(len(mine), 1):.0f}"
+        line["train tokens"] = f"{sum(r.get('train_tokens') or 0 for r in mine) / max(len(mine), 1):.0f}"
+        table.append(line)
+    return stats, table
+
+
+def stats_json(stats) -> list[dict]:
+    """MethodStats as the JSON of the results (with the verdict against the baseline)."""
+    return [dict(asdict(st), beats_baseline=st.beats_baseline) for st in stats]
+
+
+def check_names(spec: str) -> list[str]:
+    """``--methods``: methods and loss variants of the grid."""
+    return parse_methods(spec, method_names())
 
 
 def _pyplot():

@@ -1,4 +1,4 @@
-"""``python -m bench.load``: many clients against one server, as real processes.
+"""``lesft bench load`` (or ``python -m bench.load``): many clients against one server, as real processes.
 
 Runs ``--clients`` (default 32) clients of a tiny model (``arch:tiny-qwen2``, sequences
 of at most 32 tokens, one sample per client per round) for ``--rounds`` (default 50)
@@ -21,12 +21,15 @@ torch and transformers): expect several minutes.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from bench.common import Column, default_out_dir, machine_info, rich_table, write_results
+import typer
+
+from bench.common import Column, bench_command, console, machine_info, make_out_dir, rich_table, write_results
+from lesft.config import build_config
+from lesft.metrics import read_jsonl
+from workers.launch import LaunchError, launch
 
 FLAT_PCT = 10.0
 FLAT_MB = 50.0
@@ -34,8 +37,6 @@ FLAT_MB = 50.0
 
 def load_config(clients: int, rounds: int, runs_dir: str | Path, run_id: str = "", **over: Any):
     """The load run's settings: tiny model, 32-token sequences, batch 1, ``rounds`` rounds."""
-    from lesft.config import build_config
-
     cli = dict(model="arch:tiny-qwen2", clients=clients, rounds=rounds, samples_per_client=4, max_length=32,
                batch_size=1, runs_dir=str(runs_dir), run_id=run_id or f"load-{clients}x{rounds}")
     cli.update(over)
@@ -44,8 +45,6 @@ def load_config(clients: int, rounds: int, runs_dir: str | Path, run_id: str = "
 
 def client_rows(run_dir: Path, clients: int) -> list[dict]:
     """One row per client from its final metrics record: requests sent, replies received."""
-    from lesft.metrics import read_jsonl
-
     rows = []
     for i in range(clients):
         recs = [r for r in read_jsonl(run_dir / f"client-{i}.jsonl") if r.get("event") == "final"]
@@ -60,8 +59,6 @@ def client_rows(run_dir: Path, clients: int) -> list[dict]:
 
 def server_memory(run_dir: Path, warmup: int) -> dict:
     """The server's RSS at round ``warmup`` and at its last round (from its round records)."""
-    from lesft.metrics import read_jsonl
-
     rounds = [r for r in read_jsonl(run_dir / "server-0.jsonl") if r.get("event") == "round"]
     if not rounds or "rss_mb" not in rounds[-1]:
         raise ValueError(f"{run_dir / 'server-0.jsonl'} has no round records with rss_mb")
@@ -80,7 +77,6 @@ def run_load(clients: int = 32, rounds: int = 50, *, runs_dir: str | Path = "run
              timeout_s: float = 3600.0, run_id: str = "", **over: Any) -> dict:
     """Launch the run, wait for it, and return ``{"clients": rows, "total": row, "server": memory,
     "run_dir", "wall_s", "returncodes"}``; raises :class:`workers.launch.LaunchError` when a worker fails."""
-    from workers.launch import launch
 
     cfg = load_config(clients, rounds, runs_dir, run_id, **over)
     result = launch(cfg, timeout_s=timeout_s)
@@ -108,40 +104,32 @@ def summary_lines(res: dict) -> list[str]:
             f"{'flat' if s['flat'] else 'GROWING'} (flat: < {FLAT_PCT:.0f}% or < {FLAT_MB:.0f} MB)"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5, help="round whose server RSS is the baseline")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--out", default="", help="results folder (default <runs dir>/bench/load-<time>)")
-    parser.add_argument("--timeout-s", type=float, default=3600.0)
-    args = parser.parse_args(argv)
-    from rich.console import Console
-
-    from workers.launch import LaunchError
-
-    console = Console()
+@bench_command("load", kind="micro", order=7, settings=False)
+def load_command(clients: int = typer.Option(32, "--clients", help="client processes"),
+                 rounds: int = typer.Option(50, "--rounds", help="rounds of the run"),
+                 warmup: int = typer.Option(5, "--warmup", help="round whose server RSS is the baseline"),
+                 runs_dir: str = typer.Option("runs", "--runs-dir", help="folder of run outputs"),
+                 out: Optional[str] = typer.Option(None, "--out", help="output folder"),
+                 timeout: float = typer.Option(3600, "--timeout", help="seconds allowed for the run")) -> None:
+    """Many clients (tiny model) against one server: requests = replies, server memory flat."""
+    folder = make_out_dir(out, "load", runs_dir)
     try:
-        res = run_load(args.clients, args.rounds, runs_dir=args.runs_dir, warmup=args.warmup,
-                       timeout_s=args.timeout_s)
+        res = run_load(clients, rounds, runs_dir=runs_dir, warmup=warmup, timeout_s=timeout)
     except (LaunchError, ValueError) as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
-        return 1
+        raise typer.Exit(1) from None
     rows = res["clients"] + [res["total"]]
     notes = summary_lines(res)
     console.print(rich_table(rows, COLUMNS, title="load: requests and replies per client"))
     for line in notes:
         console.print(line, highlight=False)
-    out = Path(args.out) if args.out else default_out_dir("load", args.runs_dir)
-    config = {"clients": args.clients, "rounds": args.rounds, "warmup": args.warmup, "server": res["server"],
+    config = {"clients": clients, "rounds": rounds, "warmup": warmup, "server": res["server"],
               "total": res["total"], "wall_s": res["wall_s"], "run_dir": res["run_dir"], "lesft": res["config"]}
-    paths = write_results(out, "load", rows, config, COLUMNS, title="Load: many clients, one server", notes=notes,
+    paths = write_results(folder, "load", rows, config, COLUMNS, title="Load: many clients, one server", notes=notes,
                           machine=machine_info())
     console.print(f"results: {paths['md']}", highlight=False)
-    ok = res["total"]["lost"] == 0 and res["server"]["flat"]
-    return 0 if ok else 1
+    raise typer.Exit(0 if res["total"]["lost"] == 0 and res["server"]["flat"] else 1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    typer.run(load_command.callback)

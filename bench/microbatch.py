@@ -20,15 +20,21 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import typer
 
-from bench.common import BenchError, Column, ratio, summarize, sync, time_interleaved
+from bench.common import (BenchError, Column, bench_command, console, machine_info, make_out_dir, print_files,
+                          print_table, print_targets, ratio, rich_table, summarize, sync, target_note, time_interleaved,
+                          write_results)
+from lesft.config import Config
+from lesft.methods import METHODS
 
 TARGET_CLIENTS = 8
 TARGET_RATIO = 0.6
 PHASES = ("forward", "loss", "backward")
+SPLIT_METHODS = ", ".join(m.name for m in METHODS.values() if m.split)
 
 
 def parse_clients(text: str) -> list[int]:
@@ -74,7 +80,7 @@ def build_workload(cfg, n_clients: int, source=None, progress: Callable[[str], N
     method = get_method(cfg.train.method)
     if not method.split:
         raise BenchError(f"--method {method.name} has no server (each client holds the whole model): "
-                         "benchmark a split method (lesft, splitlora, sl, splitfrozen).")
+                         f"benchmark a split method ({SPLIT_METHODS}).")
     t0 = time.perf_counter()
     ccfg = cfg.replace(clients=n_clients)
     source = source or resolve(ccfg.model.model, ccfg.model.cache_dir or None, seed=ccfg.train.seed)
@@ -210,7 +216,7 @@ def run_microbatch(cfg, settings: MicrobatchSettings, *, source=None, out_dir: P
 
     if not get_method(cfg.train.method).split:
         raise BenchError(f"--method {cfg.train.method} has no server (each client holds the whole model): "
-                         "benchmark a split method (lesft, splitlora, sl, splitfrozen).")
+                         f"benchmark a split method ({SPLIT_METHODS}).")
     source = source or resolve(cfg.model.model, cfg.model.cache_dir or None, seed=cfg.train.seed)
     work = build_workload(cfg, max(settings.clients_list), source, progress)
     if progress:
@@ -263,3 +269,47 @@ COLUMNS = [
     Column("sequential_tokens_per_s", "seq tok/s", ",.0f"),
     Column("pad_waste", "pad waste", ".1%"),
 ]
+
+
+# --------------------------------------------------------------------------- command
+
+
+@bench_command("microbatch", kind="micro", order=2)
+def microbatch_command(
+    clients_list: str = typer.Option("1,2,4,8,16", "--clients-list", help="numbers of clients per round to measure"),
+    repeat: int = typer.Option(3, "--repeat", help="timing samples per mode (median reported)"),
+    warmup: int = typer.Option(1, "--warmup", help="untimed rounds per mode before timing"),
+    profile: bool = typer.Option(False, "--profile/--no-profile",
+                                 help="write torch.profiler tables of the largest N (both modes)"),
+    out: Optional[str] = typer.Option(None, "--out", help="output folder \\[default: <runs dir>/bench/microbatch-<time>]"),
+    *, cfg: Config) -> None:
+    """Server seconds per round: N clients' rows in ONE ServerParty.process call vs N calls."""
+    from lesft.engine import set_threads  # here, as the module's other engine imports: it loads transformers
+
+    if repeat < 1:
+        raise BenchError(f"--repeat {repeat} is not valid: take at least 1 sample.")
+    if warmup < 0:
+        raise BenchError(f"--warmup {warmup} is not valid: it must be >= 0.")
+    settings = MicrobatchSettings(parse_clients(clients_list), repeat=repeat, warmup=warmup, profile=profile)
+    set_threads(cfg)
+    folder = make_out_dir(out, "microbatch", cfg.run.runs_dir)
+    with console.status("microbatch bench") as status:
+        rows, info = run_microbatch(cfg, settings, out_dir=folder,
+                                    progress=lambda text: status.update(f"microbatch bench: {text}"))
+    machine = machine_info()
+    targets = check_targets(rows, info["device"])
+    config = {"bench": "microbatch", "clients_list": settings.clients_list, "repeat": repeat, "warmup": warmup,
+              "workload": info, "targets": targets, "settings": cfg.to_dict()}
+    notes = [target_note(t) for t in targets]
+    notes += [f"{info['model']}, method {info['method']}, server on {info['device']}, "
+              f"{info['batch_size']} row(s) per client; {lengths_note(info)}",
+              "tokens = real tokens of both paths through the server; ratio = batched / one-at-a-time seconds "
+              "(medians, sampled in turn); adapter grads reset between calls, no optimiser step."]
+    paths = write_results(folder, "microbatch", rows, config, COLUMNS, title="lesft bench microbatch",
+                          notes=notes, machine=machine)
+    cfg.save(folder / "config.json")
+    print_table(rich_table(rows, COLUMNS, title=f"lesft bench microbatch ({info['model']}, {info['device']})"))
+    print_targets(targets)
+    if info.get("profiles"):
+        console.print("profiles: " + "  ".join(info["profiles"].values()), highlight=False)
+    print_files(machine, paths)

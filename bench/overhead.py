@@ -19,16 +19,23 @@ int64 labels of both paths.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+import typer
+
+from bench.common import (BenchError, Column, bench_command, console, machine_info, machine_line, make_out_dir,
+                          parse_methods, print_table, print_targets, random_note, rich_table, target_note,
+                          write_results)
 from lesft.config import Config
-from lesft.methods import get_method
+from lesft.methods import get_method, table_order
 from lesft.metrics import read_jsonl
+from lesft.schedule import rounds_per_epoch
+from workers.launch import launch
 
-METHODS = ("centralized", "sl", "splitlora", "splitfrozen", "fedavg", "lesft")
+METHODS = table_order()
 MB = 2**20
+MEM_HELP = "memory: peak RSS per process (CPU), torch.cuda.max_memory_allocated (GPU)"
 
 
 @dataclasses.dataclass
@@ -123,9 +130,7 @@ def measure(run_dir: Path, method: str, warmup: int, hidden: int, device: str, c
 
 def run_method(cfg: Config, method: str, warmup: int, out_dir: Path, wire_dtype: str, timeout_s: float,
                tag: str = "") -> Path:
-    from workers.launch import launch
-
-    per_epoch = max(1, math.ceil(cfg.data.samples_per_client / cfg.train.batch_size))
+    per_epoch = rounds_per_epoch(cfg.data.samples_per_client, cfg.train.batch_size)
     run_id = f"{method}{tag}"
     c = cfg.replace(method=method, rounds=warmup + per_epoch, run_id=run_id, runs_dir=str(out_dir / "runs"),
                     wire_dtype=wire_dtype)
@@ -184,3 +189,65 @@ def plot(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- command
+
+COLUMNS = [Column("label", "framework"), Column("mem_client_mb", "mem client MB", ".0f"),
+           Column("mem_server_mb", "mem server MB", ".0f"), Column("comm_client_mb", "comm client MB", ".2f"),
+           Column("comm_server_mb", "comm server MB", ".2f"),
+           Column("comm_split_mb", "of which client<->server MB", ".2f"),
+           Column("lat_client_s", "latency client s", ".2f"), Column("lat_server_s", "latency server s", ".2f"),
+           Column("wall_epoch_s", "wall/epoch s", ".1f"), Column("paper_comm_mb", "paper acct. MB", ".2f")]
+
+
+@bench_command("overhead", kind="paper", order=3)
+def overhead_command(
+    methods: str = typer.Option(",".join(METHODS), "--methods", help="methods to run, comma-separated"),
+    wire_dtypes: str = typer.Option("fp32,bf16", "--wire-dtypes",
+                                    help="wire dtypes for LESFT (baselines use the first); fp32,bf16 gives both rows"),
+    warmup: int = typer.Option(2, "--warmup", help="rounds before the measured epoch"),
+    timeout: float = typer.Option(3600, "--timeout", help="seconds allowed per method run"),
+    draw: bool = typer.Option(True, "--plot/--no-plot", help="write a PNG bar chart"),
+    out: Optional[str] = typer.Option(None, "--out", help="output folder"),
+    *, cfg: Config) -> None:
+    """Table 2: per-epoch memory, communication and latency per party, each method as real processes."""
+    from lesft.engine import resolve_device  # here: lesft.engine loads transformers
+    from lesft.models import source_for
+
+    names = parse_methods(methods, METHODS)
+    dtypes = [d.strip() for d in wire_dtypes.split(",") if d.strip()]
+    if warmup < 1:
+        raise BenchError("--warmup must be >= 1: the epoch window starts at the end of the warm-up.")
+    out_dir = make_out_dir(out, "overhead", cfg.run.runs_dir)
+    source = source_for(cfg)
+    device = resolve_device(cfg.train.device).type
+    hidden = int(source.config.hidden_size)
+    rows = []
+    plan = [(m, dtypes[0]) for m in names if m != "lesft"] + ([("lesft", d) for d in dtypes] if "lesft" in names else [])
+    for i, (m, dt) in enumerate(plan):
+        console.print(f"[bold]{i + 1}/{len(plan)}[/] {get_method(m).label} ({dt} wire) on {source.label} ...")
+        run_dir = run_method(cfg, m, warmup, out_dir, dt, timeout, tag=f"-{dt}")
+        row = measure(run_dir, m, warmup, hidden, device, cfg.data.clients)
+        row.update(row=f"{m}@{dt}", wire_dtype=dt if get_method(m).split else "-", run_dir=str(run_dir))
+        if m == "lesft" and len(dtypes) > 1:
+            row["label"] += f" [{dt}]"
+        rows.append(row)
+    info = machine_info()
+    title = (f"Table 2 on {source.label}: {cfg.data.clients} clients x {cfg.data.samples_per_client} samples, "
+             f"one epoch after {warmup} warm-up rounds ({MEM_HELP}; N/A = not applicable)")
+    print_table(rich_table(rows, COLUMNS, title=title))
+    tg = targets(rows)
+    print_targets(tg)
+    notes = random_note(cfg) + [MEM_HELP, "comm client = all clients' bytes sent+received in the epoch (summed), "
+                                "aggregator traffic included; 'of which client<->server' leaves it out; "
+                                "latency = compute seconds of the party in the epoch (mean over clients); "
+                                "fedavg's server columns are the aggregator's", machine_line(info)] + \
+        [f"target {target_note(t)}" for t in tg]
+    write_results(out_dir, "overhead", rows, {"settings": cfg.to_dict(), "warmup": warmup, "targets": tg,
+                                              "random_weights": source.random_weights},
+                  COLUMNS, title=title, notes=notes, machine=info)
+    if draw:
+        plot(rows, out_dir / "overhead.png", title=f"lesft bench overhead on {source.label}: {cfg.data.clients} "
+             f"clients x {cfg.data.samples_per_client} samples, one epoch")
+    console.print(f"results in {out_dir}")

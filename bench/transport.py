@@ -35,12 +35,16 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import typer
 
-from bench.common import BenchError, Column, ratio, summarize, time_interleaved
+from bench.common import (BenchError, Column, bench_command, console, machine_info, make_out_dir, print_files,
+                          print_table, print_targets, ratio, rich_table, summarize, target_note, time_interleaved,
+                          write_results)
 from lesft import wire
+from lesft.config import Config
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = (
     (1, 128, 576), (4, 128, 576), (4, 512, 576), (8, 512, 896), (4, 1024, 2048))
@@ -441,6 +445,63 @@ COLUMNS = [
     Column("raw_GBps", "raw zmq GB/s", ".2f"), Column("loopback_vs_raw", "loop /raw", ".2f"),
     Column("wire_over_act", "wire /act", ".4f"),
 ]
+
+
+# --------------------------------------------------------------------------- command
+
+
+@bench_command("transport", kind="micro", order=1, only=("max_message_mb", "threads", "runs_dir"))
+def transport_command(
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="activation shapes BxTxH, comma-separated "
+                                        "\\[default: 1x128x576,4x128x576,4x512x576,8x512x896,4x1024x2048]"),
+    dtypes: str = typer.Option("fp32,bf16,fp16", "--dtypes", help="wire dtypes to measure"),
+    repeat: int = typer.Option(10, "--repeat", help="timing samples per measurement (median reported)"),
+    min_time: float = typer.Option(0.05, "--min-time", help="seconds each sample lasts at least (short calls repeat)"),
+    echo: str = typer.Option("process", "--echo", help="where the echo ROUTER runs: process (a child, like the "
+                                                      "real server) or thread"),
+    out: Optional[str] = typer.Option(None, "--out", help="output folder \\[default: <runs dir>/bench/transport-<time>]"),
+    *, cfg: Config) -> None:
+    """Codec and loopback DEALER->ROUTER throughput of activations vs a memory copy; bytes on the wire."""
+    from lesft.engine import set_threads  # here: it loads transformers, which the echo child never needs
+
+    if repeat < 1:
+        raise BenchError(f"--repeat {repeat} is not valid: take at least 1 sample.")
+    if min_time < 0:
+        raise BenchError(f"--min-time {min_time} is not valid: it must be >= 0 seconds.")
+    shapes = parse_shapes(sizes) if sizes else list(DEFAULT_SHAPES)
+    settings = TransportSettings(shapes=shapes, dtypes=parse_dtypes(dtypes), repeat=repeat, min_seconds=min_time,
+                                 echo=echo, max_message_mb=cfg.net.max_message_mb)
+    if echo not in ("process", "thread"):
+        raise BenchError(f"--echo {echo!r} unknown: use process or thread.")
+    biggest = max(b * t * h * 4 for b, t, h in shapes)
+    if biggest > cfg.net.max_message_mb * 2**20:
+        raise BenchError(f"the largest size needs {biggest / 2**20:.0f} MiB per message, over "
+                         f"--max-message-mb {cfg.net.max_message_mb}: raise it or use smaller --sizes.")
+    set_threads(cfg)
+    folder = make_out_dir(out, "transport", cfg.run.runs_dir)
+    with console.status("transport bench") as status:
+        def on_case(row: dict) -> None:
+            status.update(f"transport bench: done {'x'.join(map(str, row['shape']))} {row['dtype']}")
+
+        rows = run_transport(settings, on_case)
+    machine = machine_info()
+    targets = check_targets(rows)
+    config = {"bench": "transport", "sizes": [list(s) for s in shapes], "dtypes": settings.dtypes,
+              "repeat": repeat, "min_time": min_time, "echo": echo, "targets": targets,
+              "units": {"GBps": "1e9 bytes of activation per second", "oneway_s": "round trip / 2",
+                        "wire_bytes": "delimiter + header + tensor frames + ZMTP framing"},
+              "settings": cfg.to_dict()}
+    notes = [target_note(t) for t in targets]
+    notes.append("memcpy = bytearray(memoryview) of the activation in its wire dtype (one single-threaded copy); codec = encode (fp32 -> wire dtype) + "
+                 "decode of a FORWARD; loopback = DEALER -> ROUTER echo over tcp://127.0.0.1 "
+                 f"({echo}), one way = round trip / 2, including both codecs and checks; raw zmq = the same bytes "
+                 "echoed as one bare frame over the same sockets (no codec).")
+    paths = write_results(folder, "transport", rows, config, COLUMNS, title="lesft bench transport",
+                          notes=notes, machine=machine)
+    cfg.save(folder / "config.json")
+    print_table(rich_table(rows, COLUMNS, title="lesft bench transport"))
+    print_targets(targets)
+    print_files(machine, paths)
 
 
 # --------------------------------------------------------------------------- child entry

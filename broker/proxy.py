@@ -29,8 +29,9 @@ import zmq
 
 from lesft import wire
 from lesft.config import Config
+from workers.frames import frame_user_id
 from workers.process import Process
-from workers.transport import (ENVELOPE_FRAMES, SERVER_ROUTING_ID, Oversized, frame_user_id, frames_bytes, make_socket,
+from workers.transport import (ENVELOPE_FRAMES, SERVER_ROUTING_ID, Oversized, frames_bytes, make_socket,
                                recv_bounded)
 
 

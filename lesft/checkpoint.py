@@ -3,11 +3,11 @@ so a crash mid-write never leaves a half-written file where a reader would load 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from lesft.atomic import atomic_path
 
 
 class CheckpointError(ValueError):
@@ -16,17 +16,8 @@ class CheckpointError(ValueError):
 
 def save(path: str | Path, state: dict) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-    """A setting a user got wrong; the message names the setting and the fix."""
+from lesft.atomic import atomic_write
+from lesft.errors import ConfigError
+from lesft.methods import METHODS
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -188,7 +188,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = field(default="lesft", metadata={"help": "lesft|splitlora|sl|splitfrozen|fedavg|centralized"})
+    method: str = field(default="lesft", metadata={"help": "|".join(METHODS)})
     lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the clients"})
     server_lr: float | None = field(default=None, metadata={"help": "AdamW learning rate of the server (default: lr)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -204,7 +204,7 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads of this process (0: torch's default)"})
 
     def __post_init__(self) -> None:
-        _one_of("method", self.method, ("lesft", "splitlora", "sl", "splitfrozen", "fedavg", "centralized"))
+        _one_of("method", self.method, tuple(METHODS))
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("client_device", self.client_device, ("auto", "cpu", "cuda"))
         _positive("lr", self.lr)
@@ -282,9 +282,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.loss.loss != "lesft" or self.loss.ref_teacher != "live":
-            from lesft.methods import get_method
-
-            method = get_method(self.train.method)
+            method = METHODS[self.train.method]
             if method.loss != "lesft":
                 what = f"loss={self.loss.loss}" if self.loss.loss != "lesft" else f"ref_teacher={self.loss.ref_teacher}"
                 raise ConfigError(f"{what} applies to method lesft (the dual-path method); method {method.name} "
@@ -296,10 +294,7 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved settings as JSON (atomically: parallel workers may write it too)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def to_toml(self) -> str:
         """The resolved settings as TOML that :func:`build_config` reads back identically."""

@@ -14,22 +14,20 @@ result does not depend on how rows were grouped into microbatches.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from lesft import lora
-from lesft.batching import (Batch, Rows, collate, concat_rows, encode_all, padding_groups, split_grad,
-                            target_positions)
-from lesft.config import Config
+from lesft.batching import Batch, Rows, collate, concat_rows, encode_all, padding_groups, split_grad
+from lesft.config import Config, ConfigError
 from lesft.data import Example
-from lesft.loss import (TokenLoss, excess_token_loss, gather_positions, kd_token_loss, lesft_token_loss,
-                        power_token_loss, sft_token_loss, target_logprobs)
+from lesft.loss import TokenLoss, head_logits, token_loss
 from lesft.methods import Method
 from lesft.metrics import Meter, merge_token_means
 from lesft.models import ModelSource
+from lesft.schedule import rounds_per_epoch
 from lesft.split import ClientModel, FullModel, ServerModel, split_point
 from lesft.wire import MODEL_DTYPES
 
@@ -38,8 +36,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from lesft.config import ConfigError
-
         raise ConfigError("device 'cuda' was asked for but no CUDA device is visible: use --device cpu or auto.")
     return torch.device(name)
 
@@ -68,28 +64,13 @@ def mean_loss(loss_sum: float, rows: int) -> float:
     return loss_sum / rows if rows else 0.0
 
 
+def set_threads(cfg: Config) -> None:
+    """Give torch ``--threads`` CPU threads in this process (0 keeps torch's default)."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+
+
 # --------------------------------------------------------------------------- schedule
-
-
-def rounds_per_epoch(n_samples: int, batch_size: int) -> int:
-    return max(1, math.ceil(n_samples / batch_size))
-
-
-def total_rounds(cfg: Config, sizes: Sequence[int], batch_size: int | None = None) -> int:
-    """Rounds of the run: ``--rounds`` or ``epochs x`` the longest client epoch."""
-    if cfg.train.rounds:
-        return cfg.train.rounds
-    b = batch_size or cfg.train.batch_size
-    return cfg.train.epochs * max(rounds_per_epoch(n, b) for n in sizes)
-
-
-def is_step_round(r: int, total: int, grad_accum: int) -> bool:
-    """Whether the optimiser steps after round ``r`` (0-based): end of a window or of the run."""
-    return (r + 1) % grad_accum == 0 or r == total - 1
-
-
-def is_aggregation_round(r: int, total: int, every: int) -> bool:
-    return (r + 1) % every == 0 or r == total - 1
 
 
 def batch_indices(seed: int, client_id: int, n_samples: int, batch_size: int, r: int) -> list[int]:
@@ -171,52 +152,6 @@ class _Trainable:
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.window_rows, self.steps = int(state["window_rows"]), int(state["steps"])
-
-
-def head_logits(head, hidden: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
-                width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LM head only at the ``width`` positions that predict the targets (on every
-    position it would cost as much as several layers): ``(logits [B, Ty, V], mask, hidden
-    at those positions)``."""
-    pos, mask = target_positions(y_start, y_len, width)
-    h = gather_positions(hidden, pos)
-    return head(h), mask, h
-
-
-def head_logprobs(head, hidden: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
-                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the targets ``[B, Ty]``: ``(logprobs, mask, hidden at those positions)``."""
-    logits, mask, h = head_logits(head, hidden, y_start, y_len, targets.shape[1])
-    return target_logprobs(logits, targets), mask, h
-
-
-def token_loss(method: Method, cfg: Config, logits: torch.Tensor, mask: torch.Tensor, trained_hidden: torch.Tensor,
-               ref: tuple[torch.Tensor, torch.Tensor] | None, head_weight: torch.Tensor | None,
-               targets: torch.Tensor) -> TokenLoss:
-    """The method's loss on aligned targets from the trained path's ``logits [B, T, V]`` at
-    the target positions. ``ref`` = (logits, final hidden states) of the reference path there,
-    or None for single-path LESFT, where the trained path weights itself (detached)."""
-    logprobs = target_logprobs(logits, targets)
-    if method.loss == "sft":
-        return sft_token_loss(logprobs, mask)
-    lc = cfg.loss
-    if lc.loss == "power":
-        return power_token_loss(logprobs, mask, lc.power_alpha)
-    if lc.loss in ("kd", "smooth", "excess"):
-        if ref is None:  # the config refuses these without paths=dual; a peer's rows may still lack it
-            raise ValueError(f"loss={lc.loss} needs the reference path, and these rows carry none")
-        if lc.loss == "excess":
-            return excess_token_loss(logprobs, target_logprobs(ref[0], targets), mask, lc.excess_lambda,
-                                     lc.excess_clip)
-        return kd_token_loss(logits, ref[0], targets, mask, lc.kd_lambda, lc.kd_tau, lc.kd_topk,
-                             smooth=lc.loss == "smooth")
-    if ref is None:
-        probs, vectors = logprobs.detach().exp(), trained_hidden.detach()
-    else:
-        probs, vectors = target_logprobs(ref[0], targets).exp(), ref[1]
-    if lc.sim_vectors == "lm_head":
-        vectors = head_weight.detach()[targets]
-    return lesft_token_loss(logprobs, probs, vectors, mask, lc, cluster_vectors=trained_hidden.detach())
 
 
 def reference_scope(part: torch.nn.Module, cfg: Config):

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,11 +30,11 @@ import torch
 
 from lesft import lora
 from lesft.answers import _RESTART, extract_answer, is_correct, wilson_interval
+from lesft.atomic import atomic_write
 from lesft.batching import collate, encode_all
 from lesft.config import ConfigError, LoraSettings
 from lesft.data import DataError, Example
-from lesft.engine import head_logprobs
-from lesft.loss import sft_token_loss
+from lesft.loss import head_logprobs, sft_token_loss
 from lesft.lora import AdapterError
 from lesft.models import ModelSource
 from lesft.split import FullModel, position_ids
@@ -377,27 +375,14 @@ def evaluate(model: FullModel, tokenizer, examples: list[Example], max_new_token
                       records=records, new_tokens=sum(counts), seconds=time.perf_counter() - start)
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def write_records(result: EvalResult, path: str | Path) -> Path:
     """One JSON object per question (JSONL), written atomically."""
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records)
-    return _atomic_write(Path(path), lines)
+    return atomic_write(path, lines)
 
 
 def write_summary(summary: dict, path: str | Path) -> Path:
-    return _atomic_write(Path(path), json.dumps(summary, indent=2, default=str) + "\n")
+    return atomic_write(path, json.dumps(summary, indent=2, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- loss probe

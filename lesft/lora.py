@@ -28,6 +28,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from lesft.atomic import atomic_path
 from lesft.config import LoraSettings
 
 _ADAPTER = "default"
@@ -328,16 +329,9 @@ def save_adapters(adapters: Mapping[str, torch.Tensor], path: str | Path, metada
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, tmp,
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp),
                   metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lesft.config import LossConfig
+from lesft.batching import target_positions
+from lesft.config import Config, LossConfig
+from lesft.methods import Method
 
 IRRELEVANT, SUBSALIENT, SALIENT = 0, 1, 2
 
@@ -372,3 +374,52 @@ def lesft_loss(base_logits: torch.Tensor, ref_logits: torch.Tensor, base_labels:
         else:
             raise ValueError("pass ref_hidden (final hidden states of the reference path)")
     return lesft_token_loss(logprobs, ref_probs, vectors, b_mask, cfg)
+
+
+# --------------------------------------------------------------------------- the method's loss
+
+
+def head_logits(head, hidden: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
+                width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM head only at the ``width`` positions that predict the targets (on every
+    position it would cost as much as several layers): ``(logits [B, Ty, V], mask, hidden
+    at those positions)``."""
+    pos, mask = target_positions(y_start, y_len, width)
+    h = gather_positions(hidden, pos)
+    return head(h), mask, h
+
+
+def head_logprobs(head, hidden: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the targets ``[B, Ty]``: ``(logprobs, mask, hidden at those positions)``."""
+    logits, mask, h = head_logits(head, hidden, y_start, y_len, targets.shape[1])
+    return target_logprobs(logits, targets), mask, h
+
+
+def token_loss(method: Method, cfg: Config, logits: torch.Tensor, mask: torch.Tensor, trained_hidden: torch.Tensor,
+               ref: tuple[torch.Tensor, torch.Tensor] | None, head_weight: torch.Tensor | None,
+               targets: torch.Tensor) -> TokenLoss:
+    """The method's loss on aligned targets from the trained path's ``logits [B, T, V]`` at
+    the target positions. ``ref`` = (logits, final hidden states) of the reference path there,
+    or None for single-path LESFT, where the trained path weights itself (detached)."""
+    logprobs = target_logprobs(logits, targets)
+    if method.loss == "sft":
+        return sft_token_loss(logprobs, mask)
+    lc = cfg.loss
+    if lc.loss == "power":
+        return power_token_loss(logprobs, mask, lc.power_alpha)
+    if lc.loss in ("kd", "smooth", "excess"):
+        if ref is None:  # the config refuses these without paths=dual; a peer's rows may still lack it
+            raise ValueError(f"loss={lc.loss} needs the reference path, and these rows carry none")
+        if lc.loss == "excess":
+            return excess_token_loss(logprobs, target_logprobs(ref[0], targets), mask, lc.excess_lambda,
+                                     lc.excess_clip)
+        return kd_token_loss(logits, ref[0], targets, mask, lc.kd_lambda, lc.kd_tau, lc.kd_topk,
+                             smooth=lc.loss == "smooth")
+    if ref is None:
+        probs, vectors = logprobs.detach().exp(), trained_hidden.detach()
+    else:
+        probs, vectors = target_logprobs(ref[0], targets).exp(), ref[1]
+    if lc.sim_vectors == "lm_head":
+        vectors = head_weight.detach()[targets]
+    return lesft_token_loss(logprobs, probs, vectors, mask, lc, cluster_vectors=trained_hidden.detach())

@@ -193,12 +193,13 @@ def _cuda_synchronize() -> None:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """A copy of ``obj`` that json.dumps accepts in strict mode.
+    """A copy of ``obj`` that json.dumps accepts in strict mode: the one JSON sanitiser of
+    the project (metrics files, benchmark results).
 
     numpy / torch scalars and arrays become Python numbers and lists (anything with
     ``tolist``), tuples and sets become lists, Paths and other objects become strings,
-    and non-finite floats (NaN, inf) become None since strict JSON has no spelling for
-    them.
+    and non-finite floats (NaN, +inf, -inf) all become None (``null``): strict JSON has
+    no spelling for them, and a reader must not mistake a string ``"inf"`` for a number.
     """
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj

@@ -36,7 +36,7 @@ def round_records(run_dir: Path) -> list[dict]:
 
 def run_status(run_dir: Path) -> str:
     """``complete``, or why not: interrupted at round k of n, or no completion marker."""
-    from lesft.trainer import COMPLETE_FILE, INTERRUPTED_FILE
+    from lesft.runs import COMPLETE_FILE, INTERRUPTED_FILE
 
     if (run_dir / COMPLETE_FILE).is_file():
         return "complete"

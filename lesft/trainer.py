@@ -7,7 +7,6 @@ base weights (one copy in memory); each has its own LoRA and AdamW.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,100 +14,17 @@ from typing import Callable
 
 import torch
 
-from lesft import lora
 from lesft.aggregate import fedavg
 from lesft.config import Config
 from lesft.data import Example, load_examples, partition
 from lesft.data.files import DataFile, client_data_path, load_data_file, local_data_paths
-from lesft.engine import ClientParty, ServerParty, is_aggregation_round, is_step_round, mean_loss, total_rounds
+from lesft.engine import ClientParty, ServerParty, mean_loss
+from lesft.export import final_outputs
 from lesft.methods import Method, get_method
 from lesft.metrics import JsonlWriter, Meter
 from lesft.models import ModelSource, source_for
-from lesft.split import split_point
-
-
-COMPLETE_FILE = "run-complete.json"
-INTERRUPTED_FILE = "run-interrupted.json"
-
-
-class RunDirError(ValueError):
-    """A run folder that must not be written into as asked (it holds another run)."""
-
-
-def run_state(path: Path) -> str:
-    """``finished`` (a completion marker, or the combined adapter of an older run),
-    ``unfinished`` (files but no marker: running, interrupted or failed) or ``empty``."""
-    if (path / COMPLETE_FILE).is_file() or (path / "adapter").is_dir():
-        return "finished"
-    if path.is_dir() and any(path.iterdir()):
-        return "unfinished"
-    return "empty"
-
-
-def open_run_dir(cfg: Config, existing: str = "new", default_id: str = "") -> Path:
-    """The run folder ``<runs_dir>/<run_id>``, created; the one place that decides whether a
-    run may write into a folder that already holds one.
-
-    ``existing``: ``new`` (a fresh run: refuse any folder with files), ``overwrite`` (a fresh
-    run: move the old one aside and delete it first), ``resume`` (continue what is there),
-    ``join`` (a worker of a running run: refuse only a finished one) or ``join-overwrite``
-    (the same, but delete a finished one); ``any`` only creates it (a worker object, once
-    its entry point has decided). Raises :class:`RunDirError`.
-    """
-    import fcntl
-    import shutil
-
-    if existing not in ("new", "overwrite", "resume", "join", "join-overwrite", "any"):
-        raise ValueError(f"existing={existing!r}")
-    run_id = cfg.run.run_id or default_id or time.strftime("%Y%m%d-%H%M%S")
-    root = Path(cfg.run.runs_dir)
-    path = root / run_id
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{run_id}.lock", "w") as lock:  # workers started together decide one at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        state = run_state(path)
-        refuse = state == "finished" if existing == "join" else (state != "empty" and existing == "new")
-        clear = (state != "empty" and existing == "overwrite") or (state == "finished" and existing == "join-overwrite")
-        if refuse:
-            what = "a finished run" if state == "finished" else "an unfinished run (running, interrupted or failed)"
-            raise RunDirError(f"{path} holds {what}: pick another --run-id, or --resume / --overwrite.")
-        if clear:
-            if not (path / "config.json").is_file() and state != "finished":
-                raise RunDirError(f"{path} is not a lesft run folder (no config.json): not deleting it; "
-                                  "pick another --run-id.")
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)  # atomic: nothing ever sees half of each run
-            shutil.rmtree(old, ignore_errors=True)
-        if existing == "resume":
-            (path / INTERRUPTED_FILE).unlink(missing_ok=True)
-        path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def mark_run(run_dir: Path, *, complete: bool, **fields) -> Path:
-    """Write the completion (or interruption) marker of a run folder (atomically)."""
-    import json
-
-    name = COMPLETE_FILE if complete else INTERRUPTED_FILE
-    tmp = run_dir / f".{name}.{os.getpid()}"
-    tmp.write_text(json.dumps({"time": time.time(), **fields}) + "\n")
-    os.replace(tmp, run_dir / name)
-    if complete:
-        (run_dir / INTERRUPTED_FILE).unlink(missing_ok=True)
-    return run_dir / name
-
-
-def make_run_dir(cfg: Config, existing: str = "new") -> Path:
-    return open_run_dir(cfg, existing)
-
-
-class RunInterrupted(Exception):
-    """A run stopped by Ctrl-C or a signal; its folder is marked incomplete."""
-
-    def __init__(self, run_dir: Path, round_: int | None, rounds: int | None) -> None:
-        self.run_dir, self.round, self.rounds = Path(run_dir), round_, rounds
-        where = f"round {round_} of {rounds}" if round_ is not None and rounds else "the start"
-        super().__init__(f"interrupted at {where}; partial run in {self.run_dir}")
+from lesft.runs import RunDirError, mark_run, open_run_dir
+from lesft.schedule import client_sizes, is_aggregation_round, is_step_round, total_rounds
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -179,88 +95,6 @@ def party_layout(method: Method, cfg: Config, shards: list[list[Example]]) -> tu
     return shards, cfg.train.batch_size
 
 
-SERVER_FILE = "server-adapters.safetensors"
-GLOBAL_CLIENT_FILE = "client-adapters.safetensors"
-
-
-def client_file(client_id: int) -> str:
-    return f"client-{client_id}-adapters.safetensors"
-
-
-def adapter_meta(cfg: Config, source: ModelSource, method: Method) -> dict:
-    k = split_point(source.n_layers, cfg.model.split_ratio) if method.split else 0
-    return {"method": method.name, "model": source.spec, "random_weights": source.random_weights,
-            "split_ratio": cfg.model.split_ratio, "k": k, "n_layers": source.n_layers,
-            "base_folder": base_model_path(source)}
-
-
-def base_model_path(source: ModelSource) -> str:
-    """What a PEFT adapter names as its base: the absolute local folder the run loaded (for
-    the embedded model, the dequantised cache folder of ``lesft prepare``), which
-    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads offline; a random-weight
-    preset has no folder and keeps its ``arch:`` name."""
-    return str(Path(source.folder).resolve()) if source.folder is not None else source.spec
-
-
-def combine_run(run_dir: Path, cfg: Config, source: ModelSource, method: Method) -> list[Path]:
-    """Write the combined PEFT adapter(s) of a run from the per-side files in ``run_dir``.
-
-    ``adapter/`` = server adapters + the global client adapters (aggregated methods) or
-    client 0's (``sl``); with per-client adapters, ``adapter-client<i>/`` for every client.
-    Both sides' files must be in ``run_dir`` (copy them there when the parties ran apart).
-    """
-    run_dir = Path(run_dir)
-    server = lora.load_adapters(run_dir / SERVER_FILE) if (run_dir / SERVER_FILE).is_file() else {}
-    clients: dict[int, dict[str, torch.Tensor]] = {}
-    if (run_dir / GLOBAL_CLIENT_FILE).is_file():
-        clients[-1] = lora.load_adapters(run_dir / GLOBAL_CLIENT_FILE)
-    else:
-        for i in range(cfg.data.clients):
-            if (run_dir / client_file(i)).is_file():
-                clients[i] = lora.load_adapters(run_dir / client_file(i))
-    if method.split and not server:
-        raise lora.AdapterError(f"{run_dir / SERVER_FILE} is missing: the server has not finished this run.")
-    if method.client_trains and not clients:
-        raise lora.AdapterError(f"no client adapters in {run_dir}: the clients or aggregator have not finished.")
-    meta = adapter_meta(cfg, source, method)
-    ids = sorted(clients)
-    written = []
-    first = clients[ids[0]] if ids else {}
-    written.append(lora.save_peft_adapter({**first, **server}, cfg.lora, run_dir / "adapter",
-                                          base_model=base_model_path(source),
-                                          extra=meta, n_layers=source.n_layers))
-    if len(ids) > 1:
-        for cid in ids:
-            written.append(lora.save_peft_adapter({**clients[cid], **server}, cfg.lora, run_dir / f"adapter-client{cid}",
-                                                  base_model=base_model_path(source), extra=meta,
-                                                  n_layers=source.n_layers))
-    return written
-
-
-def final_outputs(run_dir: Path, cfg: Config, source: ModelSource, method: Method,
-                  server: dict[str, torch.Tensor] | None, clients: dict[int, dict[str, torch.Tensor]]) -> list[Path]:
-    """Write per-side adapters (``clients`` key -1 = the global client adapters) and combine them."""
-    meta = adapter_meta(cfg, source, method)
-    if server is not None:
-        lora.save_adapters(server, run_dir / SERVER_FILE, meta)
-    for cid, adapters in clients.items():
-        lora.save_adapters(adapters, run_dir / (GLOBAL_CLIENT_FILE if cid < 0 else client_file(cid)), meta)
-    return combine_run(run_dir, cfg, source, method)
-
-
-def client_epochs(n_samples: int, batch_size: int, rounds: int) -> float:
-    """Passes over its own data a client of ``n_samples`` makes in ``rounds`` (smaller clients cycle more)."""
-    from lesft.engine import rounds_per_epoch
-
-    return rounds / rounds_per_epoch(n_samples, batch_size)
-
-
-def client_sizes(sizes: dict[int, int], batch_size: int, rounds: int) -> dict:
-    """Every client's ``n_samples`` and epochs, as the trainer, server and aggregator record them."""
-    return {"n_samples": dict(sorted(sizes.items())),
-            "epochs": {c: client_epochs(n, batch_size, rounds) for c, n in sorted(sizes.items())}}
-
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -285,7 +119,7 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
     source = source or source_for(cfg)
     tok = source.load_tokenizer()
     shards, batch_size = party_layout(method, cfg, client_shards(cfg, tok))
-    run_dir = make_run_dir(cfg, existing)
+    run_dir = open_run_dir(cfg, existing)
     cfg.save(run_dir / "config.json")
     meter = Meter("trainer", 0)
     clients = [ClientParty(cfg, source, method, i, shard, tok, batch_size=batch_size, meter=meter)

@@ -15,7 +15,7 @@ from lesft.config import build_config
 from lesft.methods import get_method
 from lesft.models import resolve
 from lesft.split import load_split
-from lesft.trainer import base_model_path, final_outputs
+from lesft.export import base_model_path, final_outputs
 from conftest import random_adapters
 
 

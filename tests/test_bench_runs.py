@@ -99,7 +99,7 @@ def test_pipeline_bench_and_summary(tmp_path):
 
 
 def test_summary_names_the_loss_and_why():
-    from lesft.commands_run import _loss_line
+    from lesft.cli.run import _loss_line
     from lesft.config import Config
 
     line = _loss_line(Config().replace(loss="kd", note="kd learns from the reference path"))

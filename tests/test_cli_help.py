@@ -57,7 +57,7 @@ def test_every_option_has_help_text():
 
 
 def test_bench_help_names_every_bench_command():
-    from lesft.commands_bench import bench_app
+    from lesft.cli.bench import bench_app
 
     text = _help("bench")
     names = list(typer.main.get_command(bench_app).commands)

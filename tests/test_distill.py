@@ -3,7 +3,7 @@
 import json
 
 from lesft import evaluate
-from lesft.commands_data import distill_chains
+from lesft.cli.data import distill_chains
 from lesft.data import generate_synthetic, load_examples
 
 

@@ -316,7 +316,7 @@ def test_probe_loss_matches_a_reference_and_drops_after_training(source, tok, ex
     model.train()
 
     from lesft.batching import collate, encode_all
-    from lesft.engine import head_logprobs
+    from lesft.loss import head_logprobs
     from lesft.loss import sft_token_loss
 
     batch = collate(encode_all(tok, exs, 256), tok.pad_token_id)

@@ -9,7 +9,7 @@ from lesft.cli import app
 from lesft.config import build_config
 from lesft.models import resolve
 from lesft.split import load_split, position_ids
-from lesft.trainer import final_outputs
+from lesft.export import final_outputs
 from lesft.methods import get_method
 from conftest import random_adapters
 

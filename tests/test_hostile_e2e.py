@@ -92,7 +92,7 @@ def _insider(ctx: zmq.Context, cfg, address: str) -> zmq.Socket:
 def test_hostile_peers_change_nothing(tmp_path, e2e_cfg, live_run, reference_adapters, curve_on):
     keys = ""
     if curve_on:
-        from lesft.commands_keys import generate_keys
+        from lesft.cli.keys import generate_keys
 
         generate_keys(tmp_path / "keys", 2)
         keys = str(tmp_path / "keys")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lesft import engine, lora
+from lesft import engine, lora, loss
 from lesft.config import Config, ConfigError, LossConfig, build_config
 from lesft.loss import (SALIENT, SUBSALIENT, excess_token_loss, kd_token_loss, lesft_token_loss, nlft_clusters,
                         power_token_loss, sft_token_loss, target_logprobs)
@@ -345,7 +345,7 @@ def test_no_gradient_reaches_the_reference_path(kw):
     head = torch.randn(logits.shape[-1], 5, generator=g, dtype=torch.float64).requires_grad_(True)
 
     # Execute
-    tl = engine.token_loss(get_method("lesft"), cfg, z, mask, hidden, (ref_z, ref_h), head, ids)
+    tl = loss.token_loss(get_method("lesft"), cfg, z, mask, hidden, (ref_z, ref_h), head, ids)
     tl.total.backward()
 
     # Assert: the trained path gets a gradient, nothing on the reference side does
@@ -360,7 +360,7 @@ def test_engine_dispatch_matches_the_pure_functions():
     method = get_method("lesft")
 
     def run(**kw):
-        return engine.token_loss(method, loss_config(**kw), logits, mask, h, (ref, h), None, ids).rows
+        return loss.token_loss(method, loss_config(**kw), logits, mask, h, (ref, h), None, ids).rows
 
     lp, ref_lp = target_logprobs(logits, ids), target_logprobs(ref, ids)  # what the engine feeds the losses
     assert torch.equal(run(loss="kd", kd_lambda=0.5, kd_tau=2.0), kd_token_loss(logits, ref, ids, mask, 0.5, 2.0).rows)
@@ -369,7 +369,7 @@ def test_engine_dispatch_matches_the_pure_functions():
     assert torch.equal(run(loss="power", power_alpha=0.5), power_token_loss(lp, mask, 0.5).rows)
     assert torch.equal(run(loss="nlft"), lesft_token_loss(lp, ref_lp.exp(), h, mask, LossConfig(loss="nlft")).rows)
     with pytest.raises(ValueError, match="reference path"):
-        engine.token_loss(method, loss_config(loss="kd"), logits, mask, h, None, None, ids)
+        loss.token_loss(method, loss_config(loss="kd"), logits, mask, h, None, None, ids)
 
 
 # --------------------------------------------------------------------------- the base-model teacher

@@ -20,7 +20,8 @@ from lesft.config import build_config
 from lesft.metrics import read_jsonl
 from lesft.models import source_for
 from lesft.split import ServerModel, split_point
-from lesft.trainer import GLOBAL_CLIENT_FILE, SERVER_FILE, client_file, train_inprocess
+from lesft.runs import GLOBAL_CLIENT_FILE, SERVER_FILE, client_file
+from lesft.trainer import train_inprocess
 from workers.launch import launch
 
 pytestmark = pytest.mark.e2e

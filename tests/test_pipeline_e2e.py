@@ -36,7 +36,8 @@ from lesft.engine import ClientParty
 from lesft.methods import get_method
 from lesft.metrics import read_jsonl
 from lesft.models import source_for
-from lesft.trainer import GLOBAL_CLIENT_FILE, SERVER_FILE, client_shards, party_layout, train_inprocess
+from lesft.runs import GLOBAL_CLIENT_FILE, SERVER_FILE
+from lesft.trainer import client_shards, party_layout, train_inprocess
 from workers.launch import launch, local_addresses, worker_env
 
 pytestmark = pytest.mark.e2e

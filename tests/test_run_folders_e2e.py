@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lesft.config import build_config
-from lesft.trainer import COMPLETE_FILE, INTERRUPTED_FILE, RunDirError, open_run_dir
+from lesft.runs import COMPLETE_FILE, INTERRUPTED_FILE, RunDirError, open_run_dir
 
 TINY = ["--model", "arch:tiny-qwen2", "--clients", "2", "--samples-per-client", "4", "--max-length", "64"]
 BIN = Path(sys.executable).parent

@@ -23,7 +23,8 @@ from lesft.config import Config, ConfigError, build_config
 from lesft.metrics import Meter
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers import curve, security
-from workers.transport import SERVER_ROUTING_ID, Channel, frame_user_id, make_socket
+from workers.frames import frame_user_id
+from workers.transport import SERVER_ROUTING_ID, Channel, make_socket
 
 
 def tiny_cfg(tmp_path: Path, **over) -> Config:
@@ -35,7 +36,7 @@ def tiny_cfg(tmp_path: Path, **over) -> Config:
 
 @pytest.fixture()
 def keys(tmp_path) -> Path:
-    from lesft.commands_keys import generate_keys
+    from lesft.cli.keys import generate_keys
 
     out = tmp_path / "keys"
     generate_keys(out, 2)

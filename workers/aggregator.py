@@ -25,7 +25,7 @@ from lesft.lora import adapter_shapes, save_adapters
 from lesft.methods import get_method
 from lesft.models import source_for
 from lesft.split import split_point
-from lesft.trainer import GLOBAL_CLIENT_FILE
+from lesft.runs import GLOBAL_CLIENT_FILE
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers.common import Sessions, Worker, check_fingerprint
 from workers.transport import NOTE_EVERY_S, Channel, Inbound, Oversized, WorkerError, make_socket, recv_bounded
@@ -173,8 +173,7 @@ class Aggregator(Worker):
         if len(self.registered) < self.expected:
             return None
         if self._rounds is None:
-            from lesft.engine import total_rounds
-            from lesft.trainer import client_sizes
+            from lesft.schedule import client_sizes, total_rounds
 
             b = self.cfg.train.batch_size
             self._rounds = total_rounds(self.cfg, list(self.registered.values()), b)
@@ -264,7 +263,8 @@ class Aggregator(Worker):
 
     def combine_if_alone(self) -> None:
         """Without a server (fedavg) the aggregator holds the whole run: write ``adapter/``."""
-        from lesft.trainer import combine_run, mark_run
+        from lesft.export import combine_run
+        from lesft.runs import mark_run
 
         method = get_method(self.cfg.train.method)
         if not method.split and (self.run_dir / GLOBAL_CLIENT_FILE).is_file():

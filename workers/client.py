@@ -15,10 +15,13 @@ import zmq
 
 from lesft import checkpoint, wire
 from lesft.config import Config
-from lesft.engine import ClientParty, is_aggregation_round, is_step_round, mean_loss, run_fingerprint
+from lesft.engine import ClientParty, mean_loss, run_fingerprint
+from lesft.export import adapter_meta
 from lesft.methods import get_method
 from lesft.models import source_for
-from lesft.trainer import adapter_meta, client_epochs, client_examples, client_file
+from lesft.runs import client_file
+from lesft.schedule import client_epochs, is_aggregation_round, is_step_round
+from lesft.trainer import client_examples
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers.common import Worker
 from workers.transport import NOTE_EVERY_S, Channel, Peer, WorkerError, make_socket, request
@@ -185,7 +188,7 @@ class Client(Worker):
         return start, rounds
 
     def _local_rounds(self) -> int:
-        from lesft.engine import total_rounds
+        from lesft.schedule import total_rounds
 
         return total_rounds(self.cfg, [self.party.n_samples], self.party.batch_size)
 

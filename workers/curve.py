@@ -40,7 +40,7 @@ from zmq.utils import z85
 
 from lesft.config import Config, ConfigError
 from lesft.wire import CLIENT_NAME, ErrorCode, WireError, stamped_user
-from workers.transport import frame_user_id
+from workers.frames import frame_user_id
 
 log = logging.getLogger("curve")
 

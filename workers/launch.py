@@ -180,14 +180,14 @@ def launch(cfg: Config, *, roles: Sequence[tuple[str, int]] | None = None, timeo
 
     ``cfg.run.run_id`` names the run folder (a timestamp when empty); ``existing`` says what
     to do when it already holds a run (``new``: refuse, ``overwrite``: delete it, ``resume``:
-    continue it; see :func:`lesft.trainer.open_run_dir`). The addresses in ``cfg`` are
+    continue it; see :func:`lesft.runs.open_run_dir`). The addresses in ``cfg`` are
     replaced by fresh loopback ones. Raises :class:`LaunchError` when a worker fails or
-    ``timeout_s`` passes, :class:`lesft.trainer.RunInterrupted` on Ctrl-C, SIGTERM or
+    ``timeout_s`` passes, :class:`lesft.runs.RunInterrupted` on Ctrl-C, SIGTERM or
     SIGHUP; every process is stopped either way (and stops by itself if this one is killed).
     """
-    from lesft.trainer import RunInterrupted, mark_run, open_run_dir
+    from lesft.runs import RunInterrupted, mark_run, new_run_id, open_run_dir
 
-    run_id = cfg.run.run_id or time.strftime("%Y%m%d-%H%M%S")
+    run_id = cfg.run.run_id or new_run_id()
     run_dir = open_run_dir(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_id=run_id)), existing)
     net = dataclasses.replace(cfg.net, **local_addresses(transport, run_dir))
     cfg = dataclasses.replace(cfg, net=net, run=dataclasses.replace(cfg.run, run_id=run_id))
@@ -249,30 +249,3 @@ def _wait(procs: list[Proc], timeout_s: float | None, t0: float, run_dir: Path,
 def server_rounds(run_dir: Path) -> list[dict]:
     path = run_dir / "server-0.jsonl"
     return [r for r in read_jsonl(path) if r.get("event") == "round"] if path.is_file() else []
-
-
-def run_pipeline_cli(cfg: Config, console, existing: str = "new") -> LaunchResult:
-    """``lesft train``: the whole pipeline on this machine, with a progress bar (one line per
-    round when the output is not a terminal)."""
-    from lesft.cli_options import fail
-    from lesft.report import RoundProgress, print_run_summary
-
-    with RoundProgress(console, f"{cfg.train.method} pipeline") as progress:
-        seen = {"t": 0.0}
-
-        def on_poll(run_dir: Path, procs: list[Proc]) -> None:
-            if time.monotonic() - seen["t"] < 1.0:
-                return
-            seen["t"] = time.monotonic()
-            progress.update(progress_records(run_dir))
-
-        try:
-            from lesft.trainer import preflight
-
-            preflight(cfg)
-            result = launch(cfg, on_poll=on_poll, existing=existing)
-        except LaunchError as e:
-            fail(str(e), code=1)
-        progress.update(progress_records(result.run_dir))
-    print_run_summary(result.run_dir, console)
-    return result

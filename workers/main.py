@@ -12,8 +12,9 @@ import sys
 import typer
 import zmq
 
-from lesft.cli_options import config_command, fail, path_error
 from lesft.config import Config
+from lesft.errors import path_error
+from lesft.options import config_command, fail
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Several workers often share one machine: OpenMP threads that spin after each parallel
@@ -33,7 +34,7 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
            overwrite: bool = typer.Option(False, "--overwrite", help="delete a finished run in the run folder first"),
            *, cfg: Config) -> None:
     """Run one role of a LESFT system."""
-    from lesft.trainer import RunDirError
+    from lesft.runs import RunDirError
     from lesft.wire import WireError
     from workers import security
     from workers.process import run_dir_for

@@ -69,16 +69,15 @@ def run_dir_for(cfg: Config, existing: str = "any") -> Path:
     The worker entry point (``workers.main``) checks it first with ``existing="join"``: a
     worker refuses a finished run's folder unless told ``--resume`` or ``--overwrite``.
     """
-    from lesft.trainer import open_run_dir
+    from lesft.runs import open_run_dir
 
     return open_run_dir(cfg, existing, default_id="default")
 
 
 def set_threads(cfg: Config) -> None:
-    if cfg.train.threads > 0:
-        import torch
+    from lesft.engine import set_threads as set_torch_threads  # torch: the broker never loads it
 
-        torch.set_num_threads(cfg.train.threads)
+    set_torch_threads(cfg)
 
 
 class Process:

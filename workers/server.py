@@ -19,11 +19,13 @@ import zmq
 
 from lesft import wire
 from lesft.config import Config
-from lesft.engine import ServerParty, is_step_round, mean_loss, rounds_per_epoch, run_fingerprint, sends_reference
+from lesft.engine import ServerParty, mean_loss, run_fingerprint, sends_reference
 from lesft.methods import get_method
 from lesft.metrics import merge_token_means
 from lesft.models import source_for
-from lesft.trainer import SERVER_FILE, adapter_meta, client_sizes, combine_run, mark_run
+from lesft.export import adapter_meta, combine_run
+from lesft.runs import SERVER_FILE, mark_run
+from lesft.schedule import client_sizes, is_step_round, rounds_per_epoch
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from lesft import checkpoint
 from workers.common import Sessions, Worker, check_fingerprint
@@ -429,8 +431,8 @@ class CentralizedServer(Worker):
         self.meter.device = str(self.party.device)
 
     def run(self) -> int:
-        from lesft.engine import total_rounds
-        from lesft.trainer import final_outputs
+        from lesft.export import final_outputs
+        from lesft.schedule import total_rounds
 
         rounds = total_rounds(self.cfg, [self.party.n_samples], self.party.batch_size)
         self.log.info("%s on %s: %d examples, %d rounds", self.method.label, self.party.device,

@@ -243,14 +243,6 @@ def describe(msg: Message) -> str:
 NOTE_EVERY_S = 10.0  # how often a waiting process says what it waits for
 
 
-def frame_user_id(frame) -> str | None:
-    """The ZAP User-Id of the CURVE peer a received frame came from (None: not known here)."""
-    try:
-        return frame.get("User-Id") or None
-    except (zmq.ZMQError, AttributeError, TypeError):
-        return None
-
-
 _RESEND = object()  # what a received message may mean: send the request again
 
 

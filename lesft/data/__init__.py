@@ -1,5 +1,6 @@
 """Text-level data: records, prompt templates, dataset loaders, generator, partitioning."""
 
+from lesft.answers import normalize_number
 from lesft.data.datasets import (
     SPLITS, clean_gsm8k_solution, default_data_dir, load_examples, load_teacher_cot,
     strip_final_answer,
@@ -7,7 +8,7 @@ from lesft.data.datasets import (
 from lesft.data.partition import SCHEMES, partition
 from lesft.data.records import (
     ANSWER_CUE, DATASETS, REF_STYLES, DataError, Example, SourceRecord, answer_sentence,
-    normalize_number, prompt_for, question_block, reference_prompt,
+    prompt_for, question_block, reference_prompt,
 )
 from lesft.data.synthetic import KINDS, generate_synthetic
 

@@ -15,9 +15,10 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from lesft.answers import normalize_number
 from lesft.data.records import (
     DATASETS, REF_STYLES, DataError, Example, SourceRecord, answer_sentence, assemble,
-    assemble_with_teacher, join_lines, normalize_number, one_line, prompt_for, question_block,
+    assemble_with_teacher, join_lines, one_line, prompt_for, question_block,
 )
 from lesft.data.synthetic import synthetic_records
 
@@ -73,7 +74,7 @@ def clean_gsm8k_solution(solution: str) -> tuple[str, str, str]:
     body, _, final = solution.rpartition("####")
     terse = "; ".join(m.strip() for m in _CALC.findall(body))
     steps = join_lines(_CALC.sub("", body))
-    return steps, terse, normalize_number(final)
+    return steps, terse, normalize_number(final) or final.strip()
 
 
 _LETTER = r"\(?\s*[A-E]\s*\)?"
@@ -270,7 +271,7 @@ def load_teacher_cot(path: str | Path, dataset: str) -> dict[str, tuple[str, str
             if obj["uid"] in chains:
                 raise DataError(f"{where}: uid {obj['uid']!r} appears twice. Keep one chain per uid.")
             answer = obj["answer"].strip().strip("()").strip()
-            answer = answer if re.fullmatch(r"[A-E]", answer) else normalize_number(answer)
+            answer = answer if re.fullmatch(r"[A-E]", answer) else (normalize_number(answer) or answer)
             chains[obj["uid"]] = (obj["cot"], answer)
     if not chains:
         raise DataError(f"Teacher CoT file {path} holds no chains. {hint}")

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from lesft.data.records import ANSWER_CUE, DataError, Example, normalize_number, one_line, question_block
+from lesft.answers import normalize_number
+from lesft.data.records import ANSWER_CUE, DataError, Example, one_line, question_block
 
 ROLES = ("prompt", "completion", "reference", "final_answer", "messages")
 KINDS = {"prompt-completion": "prompt-completion (TRL)", "question-answer": "question-answer", "chat": "chat messages"}
@@ -376,8 +377,7 @@ def _canonical(answer: str | None) -> str | None:
     if answer is None:
         return None
     text = one_line(answer).strip().rstrip(".").strip().casefold()
-    number = normalize_number(text)
-    return number if re.fullmatch(r"-?\d+(?:\.\d+)?", number) else text
+    return normalize_number(text) or text
 
 
 def answer_of(output: str) -> str | None:

@@ -164,16 +164,3 @@ def assemble_with_teacher(record: SourceRecord, cot: str) -> Example:
         answer=record.answer,
         kind=record.kind,
     )
-
-
-def normalize_number(text: str) -> str:
-    """A numeric answer as compared and shown: no ``$``, ``,`` or spaces ("1,200" -> "1200").
-
-    Trailing zeros after a decimal point are dropped ("2.50" -> "2.5", "3.0" -> "3")
-    so that equal numbers compare equal as strings.
-    """
-    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
-    text = "".join(text.split())
-    if re.fullmatch(r"-?\d+\.\d*", text):
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text == "-0" else text

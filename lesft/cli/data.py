@@ -7,19 +7,17 @@ chains whose extracted answer is right are kept, until ``--n`` are collected.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from lesft.cli import app, console
-from lesft.cli_options import config_command, fail
+from lesft.answers import extract_answer, is_correct, truncate_continuation
+from lesft.atomic import atomic_write
+from lesft.cli.console import console
 from lesft.config import Config
-
-data_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                       help="Data preparation.")
-app.add_typer(data_app, name="data")
+from lesft.data import load_examples
+from lesft.options import config_command, fail
 
 COT_CUE = " Let's think step by step."
 
@@ -28,8 +26,7 @@ def distill_chains(teacher, tok, examples, n: int, *, max_new_tokens: int, batch
                    on_chunk=None) -> tuple[list[dict], int]:
     """Generate chains for ``examples`` in chunks until ``n`` correct ones are kept.
     Returns (kept records, questions tried)."""
-    from lesft.answers import extract_answer, is_correct, truncate_continuation
-    from lesft.evaluate import generate
+    from lesft.evaluate import generate  # here: it loads torch and transformers
 
     kept: list[dict] = []
     tried = 0
@@ -50,7 +47,6 @@ def distill_chains(teacher, tok, examples, n: int, *, max_new_tokens: int, batch
     return kept, tried
 
 
-@data_app.command("distill")
 @config_command(only=("cache_dir", "device", "dataset", "data_dir", "data_seed", "runs_dir"))
 def distill(teacher: str = typer.Option(..., "--teacher", help="teacher model: a local HF folder (or smollm2-135m)"),
             n: int = typer.Option(800, "--n", help="correct chains to keep"),
@@ -60,7 +56,6 @@ def distill(teacher: str = typer.Option(..., "--teacher", help="teacher model: a
             gen_batch_size: int = typer.Option(8, "--gen-batch-size", help="prompts generated together"),
             *, cfg: Config) -> None:
     """Write teacher chains of thought that `--teacher-cot FILE` reads (only correctly answered ones)."""
-    from lesft.data import load_examples
     from lesft.engine import resolve_device
     from lesft.evaluate import load_for_eval
     from lesft.models import resolve
@@ -79,10 +74,7 @@ def distill(teacher: str = typer.Option(..., "--teacher", help="teacher model: a
                                      on_chunk=lambda k, t: status.update(f"kept {k}/{n} correct chains of {t} tried"))
     if not kept:
         fail(f"the teacher answered none of {tried} questions correctly: use a stronger --teacher.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
     console.print(f"kept {len(kept)} correct chains of {tried} questions tried ({100 * len(kept) / tried:.1f}%) -> "
                   f"[bold]{path}[/]; train with --teacher-cot {path}"
                   + ("" if len(kept) >= n else f" (fewer than --n {n}: the pool ran out)"))

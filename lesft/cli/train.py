@@ -1,27 +1,23 @@
-"""The ``lesft`` command: train, evaluate, export, benchmark (typer app)."""
+"""``lesft config | prepare | train``: the settings, the model, and a fine-tune (in this
+process, or as the worker processes of the pipeline)."""
 
 from __future__ import annotations
 
 import json
-import os
+import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from lesft.cli_options import config_command, fail, guarded
+from lesft.cli.console import console
 from lesft.config import Config, leaf_fields
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LESFT: language-empowered split fine-tuning of LLMs between edge clients and a server.")
-console = Console()
+from lesft.options import config_command, fail
+from lesft.report import RoundProgress, print_run_summary
+from lesft.runs import RunInterrupted, mark_run, new_run_id, run_path
+from workers.launch import LaunchError, Proc, interrupt_on_signals, launch, progress_records
 
 
-@app.command("config")
 @config_command
 def show_config(as_json: bool = typer.Option(False, "--json", help="print JSON"), *, cfg: Config) -> None:
     """Print the resolved settings (defaults < --config TOML < LESFT_* env < flags)."""
@@ -36,7 +32,6 @@ def show_config(as_json: bool = typer.Option(False, "--json", help="print JSON")
     console.print(table)
 
 
-@app.command()
 @config_command(only=("model", "cache_dir"))
 def prepare(*, cfg: Config) -> None:
     """Make the model ready offline (dequantise the embedded GGUF once into the cache)."""
@@ -47,16 +42,13 @@ def prepare(*, cfg: Config) -> None:
                   f"{'at ' + str(source.folder) if source.folder else ''}")
 
 
-@app.command()
 @config_command
 def train(inprocess: bool = typer.Option(False, "--inprocess", help="run all parties in this process (reference trainer)"),
           resume: bool = typer.Option(False, "--resume", help="continue the run in --run-id's folder (pipeline only)"),
           overwrite: bool = typer.Option(False, "--overwrite", help="delete the run already in --run-id's folder first"),
           *, cfg: Config) -> None:
     """Fine-tune: the in-process trainer, or the multi-process pipeline over ZeroMQ (default)."""
-    import time
-
-    from lesft.trainer import RunInterrupted, check_local_data
+    from lesft.trainer import check_local_data  # here, as every use of the trainer: it loads torch and transformers
 
     for own in check_local_data(cfg):  # every client's own file (--client-data), before any party starts
         console.print(f"own data {own.describe()}", highlight=False)
@@ -67,14 +59,12 @@ def train(inprocess: bool = typer.Option(False, "--inprocess", help="run all par
         fail("--resume needs the --run-id of the run to continue.")
     existing = "resume" if resume else "overwrite" if overwrite else "new"
     if not cfg.run.run_id:  # name the folder now, so an interrupted run can say where it is
-        cfg = cfg.replace(run_id=time.strftime("%Y%m%d-%H%M%S"))
+        cfg = cfg.replace(run_id=new_run_id())
     try:
         if inprocess:
             _train_inprocess(cfg, existing)
         else:
-            from workers.launch import run_pipeline_cli
-
-            run_pipeline_cli(cfg, console, existing=existing)
+            _train_pipeline(cfg, existing)
     except RunInterrupted as e:
         again = f"lesft train --run-id {cfg.run.run_id} --resume" if not inprocess else \
             f"lesft train --inprocess --run-id {cfg.run.run_id} --overwrite"
@@ -83,9 +73,7 @@ def train(inprocess: bool = typer.Option(False, "--inprocess", help="run all par
 
 
 def _train_inprocess(cfg: Config, existing: str = "new") -> None:
-    from lesft.report import RoundProgress, print_run_summary
-    from lesft.trainer import RunInterrupted, mark_run, train_inprocess
-    from workers.launch import interrupt_on_signals
+    from lesft.trainer import train_inprocess
 
     history: list[dict] = []
     with RoundProgress(console, f"{cfg.train.method} in-process") as progress:
@@ -97,7 +85,7 @@ def _train_inprocess(cfg: Config, existing: str = "new") -> None:
             with interrupt_on_signals():
                 result = train_inprocess(cfg, on_round=on_round, existing=existing)
         except KeyboardInterrupt:
-            run_dir = Path(cfg.run.runs_dir) / cfg.run.run_id
+            run_dir = run_path(cfg)
             rounds = history[-1]["rounds"] if history else None
             if run_dir.is_dir():
                 mark_run(run_dir, complete=False, round=len(history), rounds=rounds)
@@ -105,21 +93,24 @@ def _train_inprocess(cfg: Config, existing: str = "new") -> None:
     print_run_summary(result.run_dir, console)
 
 
-def main() -> None:
-    from lesft.cli_options import path_error
+def _train_pipeline(cfg: Config, existing: str = "new") -> None:
+    """The whole pipeline on this machine, with a progress bar (one line per round when the
+    output is not a terminal)."""
+    from lesft.trainer import preflight
 
-    try:
-        app()
-    except OSError as e:  # the last boundary: a path of any command, in one line
-        line = path_error(e)
-        if line is None:
-            raise
-        Console(stderr=True).print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
-        raise SystemExit(1) from None
+    with RoundProgress(console, f"{cfg.train.method} pipeline") as progress:
+        seen = {"t": 0.0}
 
+        def on_poll(run_dir: Path, procs: list[Proc]) -> None:
+            if time.monotonic() - seen["t"] < 1.0:
+                return
+            seen["t"] = time.monotonic()
+            progress.update(progress_records(run_dir))
 
-from lesft import commands  # noqa: E402,F401  (registers the remaining commands on ``app``)
-
-
-if __name__ == "__main__":
-    main()
+        try:
+            preflight(cfg)
+            result = launch(cfg, on_poll=on_poll, existing=existing)
+        except LaunchError as e:
+            fail(str(e), code=1)
+        progress.update(progress_records(result.run_dir))
+    print_run_summary(result.run_dir, console)

@@ -12,12 +12,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lesft.cli import app, console
-from lesft.cli_options import fail
-
-keys_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                       help="CurveZMQ keys: encrypt and authenticate every connection of a run.")
-app.add_typer(keys_app, name="keys")
+from lesft.cli.console import console
+from lesft.options import fail
 
 PARTIES = ("server", "broker", "aggregator")
 
@@ -63,7 +59,6 @@ def distribution(out: Path, clients: int) -> Table:
     return table
 
 
-@keys_app.command("generate")
 def generate(out: Path = typer.Option(..., "--out", help="folder to write the keys into"),
              clients: int = typer.Option(4, "--clients", help="client key pairs to make (all allowed)"),
              force: bool = typer.Option(False, "--force", help="replace keys already in --out")) -> None:

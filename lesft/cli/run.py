@@ -7,9 +7,12 @@ from typing import Optional
 
 import typer
 
-from lesft.cli import app, console
-from lesft.cli_options import fail, guarded
+from lesft.cli.console import console
 from lesft.config import Config
+from lesft.data import load_examples
+from lesft.methods import get_method
+from lesft.options import fail, guarded
+from lesft.report import EvalProgress, print_run_summary
 
 
 def _run_config(run: Path) -> Config:
@@ -20,8 +23,6 @@ def _run_config(run: Path) -> Config:
 
 def _loss_line(cfg: Config) -> str:
     """The loss the run trained with, and why (the run's ``note``), on one line."""
-    from lesft.methods import get_method
-
     method = get_method(cfg.train.method)
     name = getattr(cfg.loss, "loss", "lesft") if cfg.train.method == "lesft" else "nll"
     if cfg.train.method == "lesft" and name == "lesft" and cfg.loss.lesft_nll_mix:
@@ -30,7 +31,6 @@ def _loss_line(cfg: Config) -> str:
     return f"{what}: {cfg.run.note}" if cfg.run.note else what
 
 
-@app.command()
 @guarded
 def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-id>)"),
             eval_n: int = typer.Option(50, "--eval-n", help="held-out questions for accuracy before/after (0: skip)"),
@@ -40,10 +40,8 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
             batch_size: int = typer.Option(16, "--batch-size", help="questions generated together"),
             ) -> None:
     """Summarise a finished run: rounds, loss curve, bytes per role, wall time, accuracy before/after."""
-    from lesft.evaluate import evaluate, load_for_eval, probe_loss
-    from lesft.data import load_examples
+    from lesft.evaluate import evaluate, load_for_eval, probe_loss  # here: these load torch and transformers
     from lesft.models import source_for
-    from lesft.report import EvalProgress, print_run_summary
 
     cfg = _run_config(run)
     extra: list[tuple[str, str]] = [("loss", _loss_line(cfg))]
@@ -54,7 +52,7 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
         tok = source.load_tokenizer()
         split, name, scorer = "test", cfg.data.dataset, None
         if eval_data is not None:  # the user's own file (lesft eval --data scores the same way)
-            from lesft.commands_eval import own_eval_examples
+            from lesft.cli.eval import own_eval_examples
 
             examples, scorer = own_eval_examples(cfg.replace(data=str(eval_data)), tok, eval_n)
             split, name = "exact final answer", eval_data.name
@@ -78,13 +76,11 @@ def summary(run: Path = typer.Option(..., "--run", help="run folder (runs/<run-i
     print_run_summary(run, console, extra, heldout=losses if eval_n > 0 else None)
 
 
-@app.command()
 @guarded
 def combine(run: Path = typer.Option(..., "--run", help="run folder holding both sides' adapter files")) -> None:
     """Combine per-side adapters into one PEFT adapter (when the parties ran on different machines)."""
-    from lesft.methods import get_method
+    from lesft.export import combine_run
     from lesft.models import source_for
-    from lesft.trainer import combine_run
 
     cfg = _run_config(run)
     source = source_for(cfg)
@@ -92,7 +88,6 @@ def combine(run: Path = typer.Option(..., "--run", help="run folder holding both
         console.print(f"wrote {path}")
 
 
-@app.command()
 @guarded
 def export(run: Path = typer.Option(..., "--run", help="finished run folder"),
            merge: Path = typer.Option(..., "--merge", help="output folder of the merged Hugging Face model"),

@@ -1,15 +1,16 @@
-"""Every config field as a command-line flag, generated from the dataclass tree.
+"""Every config field as a command-line flag, and the one-line error boundary of a command.
 
 ``@config_command`` turns a function taking ``cfg: Config`` into a typer command that
 also accepts ``--config FILE`` and one ``--<field-name>`` flag per setting, resolved with
-:func:`lesft.config.build_config` (defaults < TOML < LESFT_* env < flags).
+:func:`lesft.config.build_config` (defaults < TOML < LESFT_* env < flags). The ``lesft``
+command, the worker entry point (``lesft-worker``) and the benchmarks' commands all use
+it, so it lives in the library, not in :mod:`lesft.cli`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
 import inspect
 import os
@@ -19,9 +20,11 @@ from typing import Callable, Optional, Sequence
 
 import typer
 import typer.core
+from rich.console import Console
 from rich.markup import escape
 
 from lesft.config import Config, ConfigError, build_config, leaf_fields
+from lesft.errors import path_error
 
 
 _TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: "BOOLEAN"}
@@ -105,38 +108,18 @@ def _default_text(f: dataclasses.Field) -> str:
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:
     """End a command with one clear red line (no traceback)."""
-    from rich.console import Console
-
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def path_error(e: OSError) -> str | None:
-    """One line for an OSError on a file or folder the user named (unwritable --runs-dir, a
-    missing --out parent, a full disk); ``None`` when it is not about a path."""
-    name = e.filename or ""
-    if not name:
-        return None
-    other = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
-    why = e.strerror or type(e).__name__
-    hint = {errno.EACCES: "pick a folder you can write (e.g. --runs-dir, --out) or fix its permissions",
-            errno.EPERM: "pick a folder you can write (e.g. --runs-dir, --out) or fix its permissions",
-            errno.EROFS: "the file system is read-only: pick another folder (e.g. --runs-dir, --out)",
-            errno.ENOSPC: "the disk is full: free space or pick another folder",
-            errno.ENOENT: "check the path",
-            errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
-            errno.EISDIR: "the path is a folder where a file is expected: check the path",
-            errno.EEXIST: "a file is in the way where a folder is needed: check the path"}.get(
-        e.errno, "check the path and its permissions")
-    return f"{why}: {name}{other}: {hint}."
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are a user's mistake (a message for them, not a bug)."""
+    # imported here: lesft.lora and lesft.models pull in torch and transformers
+    from lesft.checkpoint import CheckpointError
     from lesft.data import DataError
     from lesft.lora import AdapterError
     from lesft.models import ModelError
-    from lesft.checkpoint import CheckpointError
-    from lesft.trainer import RunDirError
+    from lesft.runs import RunDirError
 
     return (ConfigError, DataError, ModelError, AdapterError, RunDirError, CheckpointError)
 

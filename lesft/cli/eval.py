@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import random
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lesft.cli import app, console
-from lesft.cli_options import config_command, fail
+from lesft.cli.console import console
 from lesft.config import Config, ModelConfig
+from lesft.data import load_examples
+from lesft.data.files import Scorer, load_data_file
+from lesft.options import config_command, fail
 
 DEFAULT_BATCH = 16
 
@@ -47,8 +51,6 @@ def _own_batch_size(command: Callable) -> Callable:
 def adapter_base_model(adapter: str) -> str | None:
     """The base model an adapter folder was trained on: lesft's own record of the run's local
     folder (or model name), else PEFT's ``base_model_name_or_path`` when it is a folder here."""
-    import json
-
     folder = Path(adapter).expanduser()
     try:
         meta = json.loads((folder / "lesft.json").read_text())
@@ -76,7 +78,6 @@ def default_output(adapter: str | None, dataset: str, split: str, runs_dir: str)
     return folder.parent / (name if folder.name == "adapter" else f"eval-{folder.name}-{dataset}-{split}.jsonl")
 
 
-@app.command("eval")
 @_own_batch_size
 @config_command(only=("model", "cache_dir", "dtype", "dataset", "data_dir", "data_seed", "device", "threads", "runs_dir",
                       "data", "data_fields", "max_length"))
@@ -97,10 +98,7 @@ def eval_command(
     *, cfg: Config) -> None:
     """Greedy-decode a dataset split, or your own file (--data test.jsonl), and report accuracy
     with its 95% Wilson interval."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from lesft.data import load_examples
-    from lesft.engine import dtype_of, resolve_device
+    from lesft.engine import dtype_of, resolve_device, set_threads
     from lesft.evaluate import evaluate, load_for_eval, write_records, write_summary
     from lesft.models import source_for
 
@@ -110,8 +108,7 @@ def eval_command(
         fail(f"--max-new-tokens {max_new_tokens} is not valid: it must be >= 1.")
     if gen_batch_size < 1:
         fail(f"--batch-size {gen_batch_size} is not valid: it must be >= 1.")
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg)
     if adapter and (Path(adapter) / "adapter").is_dir() and not (Path(adapter) / "adapter_config.json").is_file():
         fail(f"{adapter} is a run folder: pass --adapter {Path(adapter) / 'adapter'}.")
     if adapter and cfg.model.model == ModelConfig().model:  # --model not given: the adapter's own base
@@ -164,10 +161,6 @@ def eval_command(
 def own_eval_examples(cfg: Config, tokenizer, limit: int | None, answer_regex: str | None = None,
                       extract: str | None = None):
     """The examples of the held-out file ``--data`` (a seeded sample of ``limit``) and their scorer."""
-    import random
-
-    from lesft.data.files import Scorer, load_data_file
-
     scorer = Scorer(answer_regex, extract)
     examples = load_data_file(cfg.data.data, tokenizer, fields=cfg.data.data_fields).examples
     if limit is not None and limit < len(examples):
