@@ -21,6 +21,7 @@ import zmq
 from lesft import wire
 from lesft.config import Config
 from lesft.metrics import JsonlWriter, Meter
+from lesft.rounds import Refused
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers import security
 
@@ -262,6 +263,15 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def as_wire_error(e: WireError | Refused) -> WireError:
+    """A refusal of the round engine (:mod:`lesft.rounds`) as the wire error the peer gets."""
+    if isinstance(e, WireError):
+        return e
+    err = WireError(ErrorCode(e.code), e.text)
+    err.meta = dict(e.meta)
+    return err
 
 
 def reply_error(chan: Channel, inbound: Inbound, err: WireError, role: str, sender: int, run_id: str,
@@ -525,9 +535,10 @@ class Worker:
             if not inbound.admitted:
                 self.admission(handlers, sessions)(inbound.envelope, msg)
             handlers[msg.type](inbound, msg)
-        except WireError as e:
-            self.meter.count(f"rejected.{e.code.value}")
-            reply_error(chan, inbound, e, self.role, self.id, self.run_id, self.log)
+        except (WireError, Refused) as e:
+            err = as_wire_error(e)
+            self.meter.count(f"rejected.{err.code.value}")
+            reply_error(chan, inbound, err, self.role, self.id, self.run_id, self.log)
         except Exception as e:  # noqa: BLE001 - one bad message must never take a worker down
             self.log.exception("internal error on %s from %s-%s", msg.type.value, msg.role, msg.sender)
             self.meter.count("rejected.internal")
