@@ -248,7 +248,8 @@ class Rounds:
         self.current, self.total = int(state["round"]), int(state["rounds"])
         self.sizes = {int(c): int(n) for c, n in state["clients"].items()}
         self.cache = {(int(c), int(r)): Result(v, sent=0.0) for c, r, v in state["replies"]}
-        self._open(self.current, now)
+        if self.serving:
+            self._open(self.current, now)
 
     # ------------------------------------------------------------------ requests
 
