@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(BIN)/lesft prepare
 	cd $(CURDIR) && PATH="$(CURDIR)/$(BIN):$$PATH" LESFT_RUN_ID=$(RUN_ID) $(BIN)/honcho start
-	$(BIN)/lesft summary --run runs/$(RUN_ID) --eval-n 50 --max-new-tokens 64
+	$(BIN)/lesft summary --run runs/$(RUN_ID) --eval-n 50 --max-new-tokens 64 --batch-size 50
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -172,6 +172,7 @@ def run_cell(cfg: Config, cell: Cell, out_dir: Path, *, eval_split: str, limit: 
             "ci_high": res.ci_high, "n": res.n, "correct": res.correct, "final_loss": loss,
             "train_s": train_s, "train_tokens": tokens, "eval_s": time.perf_counter() - t1,
             "eval_seed": cfg.data.data_seed, "max_new_tokens": max_new_tokens, "first_line": first_line,
+            "eval_batch_size": batch_size,
             "per_question": [int(r["correct"]) for r in res.records],
             "adapter": str(adapter) if adapter else None}
 

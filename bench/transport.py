@@ -10,7 +10,7 @@ in one process and one run:
 - ``codec``: :func:`lesft.wire.encode` of a real FORWARD (fp32 activation cast to the
   wire dtype, plus ``lengths``/``y_start``/``y_len``/``targets``) and
   :func:`lesft.wire.decode` of its frames (validation and the finite check included);
-- ``loopback``: the same FORWARD sent through a :class:`workers.common.Channel` on a
+- ``loopback``: the same FORWARD sent through a :class:`workers.transport.Channel` on a
   DEALER over ``tcp://127.0.0.1`` to an echo ROUTER in a child process (``--echo
   thread`` keeps it in this process) that decodes it, runs ``check_forward`` and
   answers a BACKWARD with a same-size fp32 gradient encoded in the same wire dtype, as
@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 from bench.common import BenchError, Column, ratio, summarize, time_interleaved
+from lesft import wire
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = (
     (1, 128, 576), (4, 128, 576), (4, 512, 576), (8, 512, 896), (4, 1024, 2048))
@@ -50,6 +51,7 @@ TARGET_OVERHEAD = 1.01
 VOCAB = 1 << 17  # token ids of the synthetic targets stay below this
 RAW_TAG = b"lesft-bench-raw"  # first body frame of a sockets-only echo (no codec)
 GB = 1e9
+CLIENT, SERVER = wire.Origin("client", 0, "bench"), wire.Origin("server", 0, "bench")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -89,20 +91,17 @@ def parse_dtypes(text: str) -> list[str]:
 def forward_message(shape: Sequence[int], seed: int = 0):
     """A valid FORWARD of ``B`` rows: fp32 ``act [B, T, H]`` and its int32 bookkeeping
     (every row full length, the second half of each row is target)."""
-    from lesft.wire import Message, MsgType
+    from lesft.batching import Rows
 
     b, t, h = shape
     g = torch.Generator().manual_seed(seed)
     y_start = t // 2
     y_len = t - y_start
-    tensors = {
-        "act": torch.randn(b, t, h, generator=g),
-        "lengths": torch.full((b,), t, dtype=torch.int32),
-        "y_start": torch.full((b,), y_start, dtype=torch.int32),
-        "targets": torch.randint(0, VOCAB, (b, y_len), generator=g, dtype=torch.int32),
-        "y_len": torch.full((b,), y_len, dtype=torch.int32),
-    }
-    return Message(MsgType.FORWARD, "client", 0, "bench", 0, 0, {"paths": "base", "want_grad": True}, tensors)
+    rows = Rows(act=torch.randn(b, t, h, generator=g), lengths=torch.full((b,), t, dtype=torch.int32),
+                y_start=torch.full((b,), y_start, dtype=torch.int32),
+                targets=torch.randint(0, VOCAB, (b, y_len), generator=g, dtype=torch.int32),
+                y_len=torch.full((b,), y_len, dtype=torch.int32), keys=torch.zeros(b, dtype=torch.int64))
+    return wire.forward(CLIENT, 0, 0, rows)
 
 
 def _frame_len(f) -> int:
@@ -134,13 +133,11 @@ def echo_serve(address: str, max_message_mb: int = 512, stop: threading.Event | 
     sent straight back untouched (the sockets-only baseline)."""
     import zmq
 
-    from lesft import wire
     from lesft.config import Config
     from lesft.metrics import Meter
-    from lesft.wire import Message, MsgType
-    from workers.common import Channel, make_socket
+    from lesft.wire import MsgType
+    from workers.transport import Channel, make_socket
 
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     cfg = Config().replace(max_message_mb=max_message_mb)
     ctx = zmq.Context()
     sock = make_socket(ctx, zmq.ROUTER, cfg, connect=address)
@@ -161,7 +158,7 @@ def echo_serve(address: str, max_message_mb: int = 512, stop: threading.Event | 
                 envelope, body = wire.split_envelope(frames)
                 msg = wire.decode(body, chan.limits)
             except wire.WireError as e:
-                chan.send(wire.error_message(e.code, e.text, role="server", sender=0), frames[:2])
+                chan.send(wire.error(SERVER, e.code, e.text), frames[:2])
                 continue
             if msg.type == MsgType.FORWARD:
                 act = msg.tensors.get("act")
@@ -169,21 +166,20 @@ def echo_serve(address: str, max_message_mb: int = 512, stop: threading.Event | 
                     wire.check_forward(msg, _limits_for(act) if act is not None and act.dim() == 3
                                        else wire.ModelLimits(1, 1, 1, 1))
                 except wire.WireError as e:
-                    chan.send(wire.error_message(e.code, e.text, role="server", sender=0, round=msg.round,
-                                                 seq=msg.seq), envelope)
+                    chan.send(wire.error(SERVER, e.code, e.text, msg.round, msg.seq), envelope)
                     continue
                 shape = tuple(act.shape)
                 if shape not in grads:
                     grads.clear()  # one shape at a time: keep memory flat across sizes
                     grads[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-                reply = Message(MsgType.BACKWARD, "server", 0, msg.run_id, msg.round, msg.seq,
-                                {"loss": 1.0}, {"grad": grads[shape]})
-                chan.send(reply, envelope, names[act.dtype])
+                reply = wire.backward(SERVER, msg.round, msg.seq, loss_sum=1.0, valid_rows=shape[0],
+                                      grad=grads[shape])
+                chan.send(reply, envelope, wire.wire_name(act.dtype))
             elif msg.type == MsgType.BYE:
-                chan.send(Message(MsgType.BYE, "server", 0, msg.run_id, msg.round, msg.seq), envelope)
+                chan.send(wire.done(SERVER, msg.seq), envelope)
                 return
             else:
-                chan.send(Message(MsgType.HEARTBEAT, "server", 0, msg.run_id, msg.round, msg.seq), envelope)
+                chan.send(wire.heartbeat(SERVER, msg.round, msg.seq), envelope)
     finally:
         chan.close()
         ctx.term()
@@ -198,7 +194,7 @@ class EchoPeer:
 
         from lesft.config import Config
         from lesft.metrics import Meter
-        from workers.common import Channel, make_socket
+        from workers.transport import Channel, make_socket
 
         if mode not in ("process", "thread"):
             raise BenchError(f"--echo {mode!r} unknown: use process or thread.")
@@ -232,8 +228,6 @@ class EchoPeer:
         return text[-1] if text else "no message"
 
     def _await(self, seq: int):
-        from lesft import wire
-
         deadline = time.monotonic() + self.timeout_s
         while True:
             if self.chan.sock.poll(50):
@@ -254,15 +248,13 @@ class EchoPeer:
         with a timeout and watch the child meanwhile (a child that fails to start says why)."""
         import zmq
 
-        from lesft.wire import Message, MsgType
-
         sock = self.chan.sock
         sock.setsockopt(zmq.SNDTIMEO, 200)
         deadline = time.monotonic() + self.timeout_s
         try:
             while True:
                 try:
-                    self.chan.send(Message(MsgType.HEARTBEAT, "client", 0, "bench", -1, 0))
+                    self.chan.send(wire.heartbeat(CLIENT))
                     break
                 except zmq.Again:
                     if self.proc is not None and self.proc.poll() is not None:
@@ -277,8 +269,6 @@ class EchoPeer:
 
     def roundtrip(self, msg, float_dtype: str) -> None:
         """Send one FORWARD, receive and check its BACKWARD (same shape as ``act``)."""
-        from lesft import wire
-
         self.chan.send(msg, float_dtype=float_dtype)
         if not self.chan.sock.poll(int(self.timeout_s * 1000)):
             if self.proc is not None and self.proc.poll() is not None:
@@ -303,12 +293,10 @@ class EchoPeer:
             raise BenchError("the raw echo came back with a different size")
 
     def close(self) -> None:
-        from lesft.wire import Message, MsgType
-
         try:
             if (self.proc is not None and self.proc.poll() is None) or (self.thread is not None
                                                                          and self.thread.is_alive()):
-                self.chan.send(Message(MsgType.BYE, "client", 0, "bench", -1, 1))
+                self.chan.send(wire.bye(CLIENT, 1))
                 if self.chan.sock.poll(2000):
                     self.chan.recv()
         except Exception:  # best effort: the child is stopped below either way
@@ -349,8 +337,6 @@ class TransportSettings:
 def measure_case(shape: tuple[int, int, int], dtype: str, peer: EchoPeer, repeat: int,
                  min_seconds: float) -> dict:
     """One row: memcpy, codec and loopback seconds and rates for one shape and dtype."""
-    from lesft import wire
-
     msg = forward_message(shape)
     payload = msg.tensors["act"].to(wire.WIRE_DTYPES[dtype])
     act_bytes = payload.numel() * payload.element_size()
@@ -417,6 +403,32 @@ def check_targets(rows: Sequence[dict]) -> list[dict]:
 
 def _shape(v) -> str:
     return "x".join(map(str, v))
+
+
+def codec_roundtrip_seconds(shape=(4, 512, 576), dtype="fp32", repeat=20) -> dict:
+    """Time encode and decode of one FORWARD-sized tensor of `shape`, cast to `dtype`.
+
+    Decoding reads `bytes` copies of the frames, as a socket would hand them over.
+    Returns seconds per call and payload throughput in bytes/s.
+    """
+    msg = wire.Message(wire.MsgType.FORWARD, "client", 0, tensors={"act": torch.randn(*shape)})
+    wire.encode(msg, dtype)  # warm-up
+    enc_s = dec_s = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        frames = wire.encode(msg, dtype)
+        t1 = time.perf_counter()
+        received = [bytes(f) for f in frames]
+        t2 = time.perf_counter()
+        wire.decode(received)
+        dec_s += time.perf_counter() - t2
+        enc_s += t1 - t0
+    payload = sum(len(f) for f in received[1:])
+    wire_bytes = sum(len(f) for f in received)
+    enc_s, dec_s = enc_s / repeat, dec_s / repeat
+    return {"shape": list(shape), "dtype": dtype, "payload_bytes": payload, "wire_bytes": wire_bytes,
+            "encode_s": enc_s, "decode_s": dec_s, "roundtrip_s": enc_s + dec_s,
+            "bytes_per_s": payload / max(enc_s + dec_s, 1e-12)}
 
 
 COLUMNS = [

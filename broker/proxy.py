@@ -27,14 +27,14 @@ import time
 
 import zmq
 
+from lesft import wire
 from lesft.config import Config
-from workers import curve
-from workers.common import (ENVELOPE_FRAMES, SERVER_ROUTING_ID, Oversized, Worker, frames_bytes, make_socket,
-                            recv_bounded)
-from lesft.wire import Limits
+from workers.process import Process
+from workers.transport import (ENVELOPE_FRAMES, SERVER_ROUTING_ID, Oversized, frame_user_id, frames_bytes, make_socket,
+                               recv_bounded)
 
 
-class Broker(Worker):
+class Broker(Process):
     role = "broker"
 
     def __init__(self, cfg: Config) -> None:
@@ -45,7 +45,7 @@ class Broker(Worker):
         front = make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.broker_frontend, identity="broker")
         back = make_socket(self.ctx, zmq.ROUTER, self.cfg, bind=net.broker_backend, identity="broker")
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)  # no server connected: the send fails and is counted
-        lim = Limits()
+        lim = wire.Limits()
         self.max_frames = lim.max_frames + ENVELOPE_FRAMES
         self.max_bytes = net.max_message_mb * 2**20 + lim.max_header_bytes + 4096
         poller = zmq.Poller()
@@ -96,15 +96,15 @@ class Broker(Worker):
         if len(frames) < 2 or frames[0].bytes != SERVER_ROUTING_ID:
             self.meter.count("dropped.not_server")
             return None
-        return curve.strip_stamps(frames[1:], 1)
+        return wire.strip_stamps(frames[1:], 1)
 
     def _identify(self, frames: list) -> list | None:
         """Stamp a client's message with the id its CurveZMQ key proves (None: drop it), and
         address it to the server."""
         if not self.cfg.net.keys_dir:
-            return [SERVER_ROUTING_ID, *curve.stamp(frames, None)]
-        user = curve.frame_user_id(frames[0])
-        if user is None or not curve.CLIENT_NAME.match(user):
+            return [SERVER_ROUTING_ID, *wire.stamp(frames, None)]
+        user = frame_user_id(frames[0])
+        if user is None or not wire.CLIENT_NAME.match(user):
             self.meter.count("unauthenticated")
             return None
-        return [SERVER_ROUTING_ID, *curve.stamp(frames, user)]
+        return [SERVER_ROUTING_ID, *wire.stamp(frames, user)]

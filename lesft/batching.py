@@ -15,7 +15,7 @@ activations with the same bookkeeping, built by a client (or read off the wire).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 import torch
@@ -142,6 +142,13 @@ def target_positions(y_start: torch.Tensor, y_len: torch.Tensor, width: int) -> 
     return y_start[:, None] + j - 1, j < y_len[:, None]
 
 
+def _row_field(path: str, *, floating: bool = False):
+    """A :class:`Rows` field: ``path`` says whether it travels in a FORWARD ("base": always,
+    "ref": with the reference path) or stays local ("local"); ``floating``: an activation."""
+    meta = {"path": path, "floating": floating}
+    return field(default=None, metadata=meta) if path == "ref" else field(metadata=meta)
+
+
 @dataclass
 class Rows:
     """Cut-layer activations of some rows, as the server consumes them.
@@ -149,50 +156,55 @@ class Rows:
     ``act [B, T, H]`` is the trained path (its gradient goes back), with ``lengths``,
     ``y_start`` ``[B]``; ``targets [B, Ty]``/``y_len [B]``; optionally the weighting path
     ``ref_act [B, T2, H]`` with ``ref_lengths``/``ref_y_start``; ``keys [B]`` are the
-    LoRA dropout keys of the rows.
+    LoRA dropout keys of the rows (never sent: each side derives them, see
+    ``lesft.engine.dropout_keys``).
+
+    The fields below are the row schema: the FORWARD message's tensors and their order
+    (:data:`BASE_FIELDS`, :data:`REF_FIELDS`), the casts and the batching all derive from them.
     """
 
-    act: torch.Tensor
-    lengths: torch.Tensor
-    y_start: torch.Tensor
-    targets: torch.Tensor
-    y_len: torch.Tensor
-    keys: torch.Tensor
-    ref_act: torch.Tensor | None = None
-    ref_lengths: torch.Tensor | None = None
-    ref_y_start: torch.Tensor | None = None
+    act: torch.Tensor = _row_field("base", floating=True)
+    lengths: torch.Tensor = _row_field("base")
+    y_start: torch.Tensor = _row_field("base")
+    targets: torch.Tensor = _row_field("base")
+    y_len: torch.Tensor = _row_field("base")
+    keys: torch.Tensor = _row_field("local")
+    ref_act: torch.Tensor | None = _row_field("ref", floating=True)
+    ref_lengths: torch.Tensor | None = _row_field("ref")
+    ref_y_start: torch.Tensor | None = _row_field("ref")
 
     def __len__(self) -> int:
         return self.act.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The FORWARD tensors of these rows (index tensors as int32; keys stay local)."""
-        out = {"act": self.act, "lengths": self.lengths, "y_start": self.y_start, "targets": self.targets,
-               "y_len": self.y_len}
-        if self.ref_act is not None:
-            out.update(ref_act=self.ref_act, ref_lengths=self.ref_lengths, ref_y_start=self.ref_y_start)
-        return {k: v if v.is_floating_point() else v.to(torch.int32) for k, v in out.items()}
+        """The FORWARD tensors of these rows in wire order (index tensors as int32; keys stay local)."""
+        names = BASE_FIELDS + (REF_FIELDS if self.ref_act is not None else ())
+        return {k: getattr(self, k) if k in FLOAT_FIELDS else getattr(self, k).to(torch.int32) for k in names}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], keys: torch.Tensor) -> "Rows":
-        """Rows from a validated FORWARD's tensors and the rows' dropout keys."""
-        def idx(name):
-            return t[name].long() if name in t else None
-
-        return cls(act=t["act"], lengths=idx("lengths"), y_start=idx("y_start"), targets=idx("targets"),
-                   y_len=idx("y_len"), keys=keys, ref_act=t.get("ref_act"), ref_lengths=idx("ref_lengths"),
-                   ref_y_start=idx("ref_y_start"))
+        """Rows from a checked FORWARD's tensors and the rows' dropout keys (index tensors as int64)."""
+        return cls(keys=keys, **{k: t[k] if k in FLOAT_FIELDS else t[k].long()
+                                 for k in BASE_FIELDS + REF_FIELDS if k in t})
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Rows":
-        def mv(t, floating=False):
+        """These rows on ``device``, activations cast to ``dtype`` when given (keys stay where they are)."""
+        def mv(name: str) -> torch.Tensor | None:
+            t = getattr(self, name)
             if t is None:
                 return None
-            return t.to(device, dtype if floating and dtype is not None else t.dtype)
+            return t.to(device, dtype if name in FLOAT_FIELDS and dtype is not None else t.dtype)
 
-        return replace(self, act=mv(self.act, True), lengths=mv(self.lengths), y_start=mv(self.y_start),
-                       targets=mv(self.targets), y_len=mv(self.y_len), keys=self.keys,
-                       ref_act=mv(self.ref_act, True), ref_lengths=mv(self.ref_lengths),
-                       ref_y_start=mv(self.ref_y_start))
+        return replace(self, **{k: mv(k) for k in BASE_FIELDS + REF_FIELDS})
+
+
+def _fields_on(path: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(Rows) if f.metadata["path"] == path)
+
+
+BASE_FIELDS = _fields_on("base")  # FORWARD tensors of every row
+REF_FIELDS = _fields_on("ref")  # FORWARD tensors of the reference path (all or none)
+FLOAT_FIELDS = frozenset(f.name for f in fields(Rows) if f.metadata["floating"])  # activations [B, T, H]
 
 
 def _pad_dim1(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -219,8 +231,7 @@ def concat_rows(parts: Sequence[Rows]) -> Rows:
             ts = [_pad_dim1(t, width) for t in ts]
         return torch.cat(ts, dim=0)
 
-    return Rows(**{name: cat(name) for name in ("act", "lengths", "y_start", "targets", "y_len", "keys",
-                                                  "ref_act", "ref_lengths", "ref_y_start")})
+    return Rows(**{f.name: cat(f.name) for f in fields(Rows)})
 
 
 def split_grad(grad: torch.Tensor, parts: Sequence[Rows]) -> list[torch.Tensor]:

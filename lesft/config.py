@@ -45,7 +45,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.split_ratio < 1.0:
             raise ConfigError(f"split_ratio={self.split_ratio} is not valid: use a fraction in (0, 1), e.g. --split-ratio 0.25.")
-        _one_of("dtype", self.dtype, ("float32", "bfloat16"))
+        from lesft.wire import MODEL_DTYPES  # imports torch: only once a config is checked
+
+        _one_of("dtype", self.dtype, tuple(MODEL_DTYPES))
 
 
 @dataclass
@@ -242,7 +244,9 @@ class NetConfig:
     done_linger_s: float = field(default=5.0, metadata={"help": "how long server/aggregator stay up after the run ends"})
 
     def __post_init__(self) -> None:
-        _one_of("wire_dtype", self.wire_dtype, ("fp32", "bf16", "fp16"))
+        from lesft.wire import WIRE_DTYPES  # imports torch: only once a config is checked
+
+        _one_of("wire_dtype", self.wire_dtype, tuple(WIRE_DTYPES))
         _positive("microbatch_wait_ms", self.microbatch_wait_ms, zero_ok=True)
         _positive("microbatch_max_padding", self.microbatch_max_padding, zero_ok=True)
         _positive("request_timeout_s", self.request_timeout_s)

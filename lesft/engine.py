@@ -28,9 +28,10 @@ from lesft.data import Example
 from lesft.loss import (TokenLoss, excess_token_loss, gather_positions, kd_token_loss, lesft_token_loss,
                         power_token_loss, sft_token_loss, target_logprobs)
 from lesft.methods import Method
-from lesft.metrics import Meter, merge_token_means
+from lesft.metrics import Meter, mean_loss, merge_token_means  # noqa: F401 - mean_loss: engine.mean_loss
 from lesft.models import ModelSource
 from lesft.split import ClientModel, FullModel, ServerModel, split_point
+from lesft.wire import MODEL_DTYPES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,7 +45,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def dtype_of(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    """The torch dtype of a ``--dtype`` setting (the base weights)."""
+    return MODEL_DTYPES[name]
+
+
+def dropout_keys(cfg: Config, client_id: int, r: int, n_rows: int) -> torch.Tensor:
+    """The LoRA dropout keys ``[n_rows]`` of a client's rows in round ``r``. They depend only
+    on (seed, client, round), so the server derives them from a FORWARD's header instead of
+    receiving them, and both sides draw the same masks."""
+    return lora.row_keys(cfg.train.seed, client_id, r, n_rows)
+
+
+def sends_reference(method: Method, cfg: Config) -> bool:
+    """Whether a client of this run computes and sends the reference path (the server
+    refuses a FORWARD that differs)."""
+    return method.loss == "lesft" and cfg.loss.uses_reference
 
 
 # --------------------------------------------------------------------------- schedule
@@ -259,27 +274,12 @@ class ClientParty(_Trainable):
         idx = batch_indices(self.cfg.train.seed, self.client_id, self.n_samples, self.batch_size, r)
         return collate([self.data[i] for i in idx], self.pad_id)
 
-    def keys(self, r: int, n_rows: int) -> torch.Tensor:
-        return lora.row_keys(self.cfg.train.seed, self.client_id, r, n_rows)
-
     # -- split methods
-
-    @property
-    def sends_reference(self) -> bool:
-        """Whether :meth:`forward` computes and sends the reference path."""
-        return self.method.loss == "lesft" and self.cfg.loss.uses_reference
-
-    @property
-    def wire_paths(self) -> str:
-        """The FORWARD ``paths`` meta: "dual" with the reference path, else "base" (one
-        trained path; with ``--paths reference`` it is the reference input, all the same to
-        the server)."""
-        return "dual" if self.sends_reference else "base"
 
     def forward(self, r: int) -> Rows:
         """Client forward of round ``r``: the rows to send to the server (detached)."""
         batch = self.batch(r)
-        keys = self.keys(r, len(batch))
+        keys = dropout_keys(self.cfg, self.client_id, r, len(batch))
         paths = self.cfg.loss.paths if self.method.loss == "lesft" else "base"
         trained = batch.ref if paths == "reference" else batch.base
         dev = self.device
@@ -287,7 +287,7 @@ class ClientParty(_Trainable):
         with self.meter.phase("forward"), lora.dropout_rows(keys, trained.lengths), torch.set_grad_enabled(grad):
             act = self.part(trained.input_ids.to(dev), trained.attention_mask.to(dev))
         ref_act = None
-        if self.sends_reference:
+        if sends_reference(self.method, self.cfg):
             # reference path: no gradient ever reaches it (the weights are constants)
             with self.meter.phase("forward"), reference_scope(self.part, self.cfg):
                 ref_act = self.part(batch.ref.input_ids.to(dev), batch.ref.attention_mask.to(dev))
@@ -314,7 +314,7 @@ class ClientParty(_Trainable):
         batch = self.batch(r)
         model: FullModel = self.part  # type: ignore[assignment]
         dev = self.device
-        with lora.dropout_rows(self.keys(r, len(batch)), batch.base.lengths), \
+        with lora.dropout_rows(dropout_keys(self.cfg, self.client_id, r, len(batch)), batch.base.lengths), \
                 _autocast(dev, self.cfg.train.autocast_bf16):
             with self.meter.phase("forward"):
                 base = batch.base
@@ -335,10 +335,12 @@ class ClientParty(_Trainable):
 
 @dataclass
 class ServerResult:
-    """One processed microbatch: per-part gradients (or None) and per-part statistics."""
+    """One processed microbatch, per part: ``dL/dS`` (or None), the sum of its rows' losses
+    and how many of its rows had target tokens (sums and counts: whoever reports a mean
+    divides once, :func:`mean_loss`); ``stats``: per-token means, ``tokens`` and ``rows``."""
 
     grads: list[torch.Tensor | None]
-    losses: list[float]
+    loss_sums: list[float]
     valid_rows: list[int]
     stats: dict = field(default_factory=dict)
 
@@ -359,6 +361,10 @@ class ServerParty(_Trainable):
         self.window_rows = 0
         self.steps = 0
 
+    def rows(self, tensors: dict[str, torch.Tensor], client_id: int, r: int) -> Rows:
+        """The rows of a checked FORWARD of ``client_id`` in round ``r``, with their dropout keys."""
+        return Rows.from_tensors(tensors, dropout_keys(self.cfg, client_id, r, tensors["act"].shape[0]))
+
     def process(self, parts: Sequence[Rows], want_grad: bool) -> ServerResult:
         """Forward both paths of a microbatch, the loss, the backward; returns each part's dL/dS.
 
@@ -376,15 +382,9 @@ class ServerParty(_Trainable):
                 grads[i], row_loss[i], row_valid[i] = g, rl[start:start + n], rv[start:start + n]
                 start += n
             merge_token_means(merged, tl.stats)
-        losses, valid = [], []
-        for rl, rv in zip(row_loss, row_valid):
-            v = int(rv.sum())
-            losses.append(float(rl[rv].mean()) if v else float("nan"))
-            valid.append(v)
-        all_loss, all_valid = torch.cat(row_loss), torch.cat(row_valid)
-        loss = float(all_loss[all_valid].mean()) if all_valid.any() else 0.0
-        stats = dict(merged, loss=loss, rows=int(all_valid.numel()))
-        return ServerResult(grads, losses, valid, stats)
+        loss_sums = [float(rl[rv].sum()) for rl, rv in zip(row_loss, row_valid)]
+        valid = [int(rv.sum()) for rv in row_valid]
+        return ServerResult(grads, loss_sums, valid, dict(merged, rows=sum(len(p) for p in parts)))
 
     def _forward_backward(self, parts: Sequence[Rows], want_grad: bool) -> tuple[TokenLoss, list]:
         """One forward of both paths over these parts (right-padded together), the loss and

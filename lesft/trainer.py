@@ -20,7 +20,7 @@ from lesft.aggregate import fedavg
 from lesft.config import Config
 from lesft.data import Example, load_examples, partition
 from lesft.data.files import DataFile, client_data_path, load_data_file, local_data_paths
-from lesft.engine import ClientParty, ServerParty, is_aggregation_round, is_step_round, total_rounds
+from lesft.engine import ClientParty, ServerParty, is_aggregation_round, is_step_round, mean_loss, total_rounds
 from lesft.methods import Method, get_method
 from lesft.metrics import JsonlWriter, Meter
 from lesft.models import ModelSource, source_for
@@ -301,7 +301,8 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
             res = server.process(parts, want_grad=method.client_trains)
             for c, g, v in zip(clients, res.grads, res.valid_rows):
                 c.backward(g, v)
-            losses, stats = res.losses, res.stats
+            losses = [mean_loss(s, v) for s, v in zip(res.loss_sums, res.valid_rows)]
+            stats = dict(res.stats, loss=mean_loss(sum(res.loss_sums), sum(res.valid_rows)))
             if is_step_round(r, rounds, cfg.train.grad_accum):
                 server.step()
         else:

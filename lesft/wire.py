@@ -9,9 +9,13 @@ msgpack. Header keys::
     m: type-specific metadata (msgpack-native values only)
     ts: [[name, dtype_code, shape], ...]    one entry per tensor frame
 
-`decode` validates everything generic and raises only `WireError`; the `check_*`
-functions add the per-type, model-aware checks. A worker answers a `WireError` with
-`error_message(e.code, e.text, ...)` and keeps serving.
+`decode` validates everything generic and raises only `WireError`. Every message type has
+one constructor here (`hello`, `forward`, ... `error`: workers never build meta by hand)
+and one checker in `CHECKERS`; `check(msg, knows)` runs it with what the receiver knows
+(`Knows`: model limits, its method's paths, adapter shapes, the expected gradient shape)
+and the receivers' dispatchers run it before any handler sees the message. A worker
+answers a `WireError` with `error(...)` and keeps serving. The broker's identity stamp
+(the envelope frame naming the client a CurveZMQ key proved) is built and read here too.
 
 Decoded tensors are zero-copy, READ-ONLY views over the received frames: `.clone()` or
 `.to(...)` them before any in-place operation (including autograd leaves you mutate).
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
-import time
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -28,7 +32,10 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 1
+from lesft.batching import BASE_FIELDS, FLOAT_FIELDS, REF_FIELDS, Rows
+
+# 2: FORWARD lost ``paths``/``want_grad``; BACKWARD carries ``loss_sum`` instead of a mean ``loss``
+PROTOCOL_VERSION = 2
 
 
 class MsgType(str, enum.Enum):
@@ -48,14 +55,39 @@ class MsgType(str, enum.Enum):
 
 ROLES = frozenset({"client", "server", "aggregator", "broker"})
 
-# Settings names for the wire dtype of activations and gradients.
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+@dataclass(frozen=True)
+class DType:
+    """One dtype the project names: its header code, its ``--wire-dtype`` name (floating
+    tensors on the wire) and its ``--dtype`` name (base weights), where it has them."""
+
+    dtype: torch.dtype
+    code: str
+    wire: str | None = None
+    model: str | None = None
+
+
+# The one dtype table: every map below derives from it.
+DTYPES = (
+    DType(torch.float32, "f32", "fp32", "float32"), DType(torch.bfloat16, "bf16", "bf16", "bfloat16"),
+    DType(torch.float16, "f16", "fp16"), DType(torch.int32, "i32"), DType(torch.int64, "i64"),
+    DType(torch.uint8, "u8"), DType(torch.bool, "b1"),
+)
 # Dtypes allowed on the wire, by header code.
-ALLOWED_DTYPES = {
-    "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
-    "i32": torch.int32, "i64": torch.int64, "u8": torch.uint8, "b1": torch.bool,
-}
-_DTYPE_CODES = {dt: code for code, dt in ALLOWED_DTYPES.items()}
+ALLOWED_DTYPES = {d.code: d.dtype for d in DTYPES}
+# Settings names for the wire dtype of activations and gradients.
+WIRE_DTYPES = {d.wire: d.dtype for d in DTYPES if d.wire}
+# Settings names for the dtype of the base weights.
+MODEL_DTYPES = {d.model: d.dtype for d in DTYPES if d.model}
+_DTYPE_CODES = {d.dtype: d.code for d in DTYPES}
+_WIRE_NAMES = {d.dtype: d.wire for d in DTYPES if d.wire}
+
+
+def wire_name(dtype: torch.dtype) -> str:
+    """The ``--wire-dtype`` name of a floating dtype (what a reply is sent in: the request's)."""
+    return _WIRE_NAMES[dtype]
+
+
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 INDEX_DTYPES = frozenset({torch.int32, torch.int64})
 _META_MAX_DEPTH = 16
@@ -392,24 +424,117 @@ def split_envelope(frames: list) -> tuple[list, list]:
     raise _fail(ErrorCode.BAD_FRAMES, "no empty delimiter frame: not a routed message")
 
 
-# ------------------------------------------------------------------------------- errors
+# ------------------------------------------------------------------------- constructors
 
-def error_message(code: ErrorCode, text: str, *, role: str, sender: int, run_id: str = "",
-                  round: int = -1, seq: int = 0) -> Message:
-    """An ERROR reply carrying ``meta = {"code": code.value, "text": text}``."""
+@dataclass(frozen=True)
+class Origin:
+    """Who sends: the header fields every message of one process carries, and a client's
+    session (its messages carry it in meta, see ``workers.common.Sessions``)."""
+
+    role: str
+    sender: int
+    run_id: str = ""
+    session: str | None = None
+
+    @classmethod
+    def of(cls, msg: Message) -> "Origin":
+        """The origin a message was sent with (to send more in its name: heartbeats)."""
+        session = msg.meta.get("session")
+        return cls(msg.role, msg.sender, msg.run_id, session if isinstance(session, str) else None)
+
+
+def _message(origin: Origin, t: MsgType, round: int = -1, seq: int = 0, meta: dict | None = None,
+             tensors: dict | None = None) -> Message:
+    meta = dict(meta or {})
+    if origin.session is not None:
+        meta["session"] = origin.session
+    return Message(t, origin.role, origin.sender, origin.run_id, round, seq, meta, dict(tensors or {}))
+
+
+def hello(origin: Origin, seq: int, *, client_id: int, n_samples: int, fingerprint: str, parts: dict) -> Message:
+    """A client registers: its id, its number of examples (the FedAvg weight) and what the
+    receiver must agree on (the fingerprint and its named parts)."""
+    return _message(origin, MsgType.HELLO, -1, seq, {"client_id": client_id, "n_samples": n_samples,
+                                                      "fingerprint": fingerprint, "parts": parts})
+
+
+def welcome(origin: Origin, seq: int, *, rounds: int, round: int, clients: int) -> Message:
+    """The server's answer to a HELLO once every client registered: the run's rounds and where it is."""
+    return _message(origin, MsgType.WELCOME, -1, seq, {"rounds": rounds, "round": round, "clients": clients})
+
+
+def forward(origin: Origin, round: int, seq: int, rows: Rows) -> Message:
+    """A client's rows of one round (the row schema's tensors; the dropout keys stay local)."""
+    return _message(origin, MsgType.FORWARD, round, seq, tensors=rows.tensors())
+
+
+def backward(origin: Origin, round: int, seq: int, *, loss_sum: float, valid_rows: int,
+             grad: torch.Tensor | None = None) -> Message:
+    """The server's answer to a FORWARD: the sum of the per-row losses over the ``valid_rows``
+    rows that have target tokens (the client divides, once), and ``dL/dS`` when the client trains."""
+    return _message(origin, MsgType.BACKWARD, round, seq, {"loss_sum": loss_sum, "valid_rows": valid_rows},
+                    {"grad": grad} if grad is not None else {})
+
+
+def upload(origin: Origin, round: int, seq: int, *, n_samples: int, adapters: dict) -> Message:
+    """A client's adapters of an aggregation round, weighted by its ``n_samples``."""
+    return _message(origin, MsgType.UPLOAD, round, seq, {"n_samples": n_samples}, adapters)
+
+
+def ack(origin: Origin, round: int, seq: int, *, rounds: int | None = None, aggregated: bool = False) -> Message:
+    """The aggregator's answer: to a HELLO (with the run's ``rounds`` when it decides them),
+    an UPLOAD (``aggregated``: that round is averaged already) or a BYE."""
+    meta = {"rounds": rounds} if rounds is not None else {}
+    return _message(origin, MsgType.ACK, round, seq, meta | ({"aggregated": True} if aggregated else {}))
+
+
+def adapters(origin: Origin, round: int, seq: int, tensors: dict, *, clients: list[int], n_samples: int,
+             of_round: int | None = None) -> Message:
+    """The global adapters averaged over ``clients`` (``n_samples`` in all): the broadcast of
+    a round, or the answer to a FETCH (``of_round``: the round they were averaged in)."""
+    meta = {"clients": clients, "n_samples": n_samples} | ({"round": of_round} if of_round is not None else {})
+    return _message(origin, MsgType.ADAPTERS, round, seq, meta, tensors)
+
+
+def fetch(origin: Origin, round: int, seq: int) -> Message:
+    """A client asks for the global adapters of ``round`` (-1: the latest)."""
+    return _message(origin, MsgType.FETCH, round, seq)
+
+
+def bye(origin: Origin, seq: int) -> Message:
+    """A client has trained every round."""
+    return _message(origin, MsgType.BYE, -1, seq)
+
+
+def done(origin: Origin, seq: int) -> Message:
+    """The server's answer to a BYE once the run is complete and saved."""
+    return _message(origin, MsgType.DONE, -1, seq)
+
+
+def heartbeat(origin: Origin, round: int = -1, seq: int = 0, have: bool | None = None) -> Message:
+    """A sign of life; a waiting client's carries its request's (round, seq), and the answer
+    says whether the receiver ``have``s that request."""
+    return _message(origin, MsgType.HEARTBEAT, round, seq, {"have": have} if have is not None else {})
+
+
+def error(origin: Origin, code: ErrorCode, text: str, round: int = -1, seq: int = 0, **extra) -> Message:
+    """An ERROR reply carrying ``meta = {"code": code.value, "text": text, **extra}`` (one line,
+    at most 1000 characters; ``extra``: e.g. ``server_round`` of a STALE_ROUND)."""
     text = " ".join(str(text).split())[:1000]
-    return Message(MsgType.ERROR, role, sender, run_id, round, seq,
-                   {"code": ErrorCode(code).value, "text": text})
+    return Message(MsgType.ERROR, origin.role, origin.sender, origin.run_id, round, seq,
+                   {"code": ErrorCode(code).value, "text": text, **extra})
 
 
 def raise_if_error(msg: Message) -> None:
-    """Raise the `WireError` an ERROR message carries; do nothing for other types."""
+    """Raise the `WireError` an ERROR message carries (its meta as ``e.meta``); do nothing for other types."""
     if msg.type != MsgType.ERROR:
         return
     code, text = msg.meta.get("code"), msg.meta.get("text", "")
     if code not in ErrorCode._value2member_map_:
         code, text = ErrorCode.INTERNAL, f"peer sent unknown error code {code!r}: {text}"
-    raise WireError(ErrorCode(code), str(text))
+    err = WireError(ErrorCode(code), str(text))
+    err.meta = msg.meta
+    raise err
 
 
 # ---------------------------------------------------------------- per-type schema checks
@@ -456,33 +581,34 @@ def _activation(msg: Message, name: str, lim: ModelLimits, rows: int | None) -> 
     return a
 
 
-_FORWARD_BASE = ("act", "lengths", "y_start", "targets", "y_len")
-_FORWARD_REF = ("ref_act", "ref_lengths", "ref_y_start")
-FORWARD_PATHS = frozenset({"dual", "base", "reference", "none"})
+def _reference_tensors(msg: Message, reference: bool | None) -> bool:
+    """Whether the FORWARD carries the reference path: all of its tensors or none, and
+    (``reference`` given) as the receiver's own method says (the paths are in the fingerprint)."""
+    have = [k for k in REF_FIELDS if k in msg.tensors]
+    missing = [k for k in REF_FIELDS if k not in msg.tensors]
+    if missing and (have or reference):
+        raise _fail(ErrorCode.MISSING_TENSOR, f"the reference path lacks {missing}")
+    if have and reference is False:
+        raise _fail(ErrorCode.UNEXPECTED_TENSOR, f"forward carries the reference path {have}, "
+                                                 "which this run does not use")
+    return bool(have)
 
 
-def check_forward(msg: Message, lim: ModelLimits) -> None:
-    """FORWARD: ``act [B,T,H]`` float, ``lengths/y_start/y_len [B]`` and ``targets [B,Ty]``
-    int32/int64, optional ``ref_act [B,T2,H]``, ``ref_lengths/ref_y_start [B]`` (all or none).
+def check_forward(msg: Message, lim: ModelLimits, reference: bool | None = None) -> None:
+    """FORWARD: the row schema's tensors (``lesft.batching.Rows``): ``act [B,T,H]`` float,
+    ``lengths/y_start/y_len [B]`` and ``targets [B,Ty]`` int32/int64, and the reference path
+    ``ref_act [B,T2,H]``, ``ref_lengths/ref_y_start [B]`` (all or none; with ``reference``
+    True all, False none).
 
     Ranges: 1 <= lengths <= T, 1 <= y_start < lengths, 0 <= y_len <= Ty,
     y_start + y_len <= lengths (and the same on the reference path), targets in
-    [0, vocab). meta: ``paths`` in FORWARD_PATHS ("dual"/"reference" need the ref
-    tensors), ``want_grad`` bool.
+    [0, vocab).
     """
     _expect_type(msg, MsgType.FORWARD)
-    paths, want_grad = msg.meta.get("paths", "dual"), msg.meta.get("want_grad", True)
-    if paths not in FORWARD_PATHS or not isinstance(want_grad, bool):
-        raise _fail(ErrorCode.BAD_FIELD, f"meta paths={paths!r} want_grad={want_grad!r}: "
-                                         f"need paths in {sorted(FORWARD_PATHS)}, bool")
-    extra = [k for k in msg.tensors if k not in _FORWARD_BASE + _FORWARD_REF]
+    extra = [k for k in msg.tensors if k not in BASE_FIELDS + REF_FIELDS]
     if extra:
         raise _fail(ErrorCode.UNEXPECTED_TENSOR, f"forward has unexpected tensors {extra}")
-    have_ref = [k for k in _FORWARD_REF if k in msg.tensors]
-    partial = 0 < len(have_ref) < len(_FORWARD_REF)
-    if partial or (not have_ref and paths in ("dual", "reference")):
-        missing = [k for k in _FORWARD_REF if k not in msg.tensors]
-        raise _fail(ErrorCode.MISSING_TENSOR, f"reference path (paths={paths!r}) lacks {missing}")
+    have_ref = _reference_tensors(msg, reference)
     act = _activation(msg, "act", lim, None)
     b, t = act.shape[0], act.shape[1]
     lengths, y_start, y_len = (_tensor(msg, k, INDEX_DTYPES, 1)
@@ -504,7 +630,7 @@ def check_forward(msg: Message, lim: ModelLimits) -> None:
     if have_ref:
         ref = _activation(msg, "ref_act", lim, b)
         t2 = ref.shape[1]
-        ref_len, ref_start = (_tensor(msg, k, INDEX_DTYPES, 1) for k in _FORWARD_REF[1:])
+        ref_len, ref_start = (_tensor(msg, k, INDEX_DTYPES, 1) for k in REF_FIELDS if k not in FLOAT_FIELDS)
         _expect_shape("ref_lengths", ref_len, (b,))
         _expect_shape("ref_y_start", ref_start, (b,))
         ref_len, ref_start = ref_len.long(), ref_start.long()
@@ -516,7 +642,7 @@ def check_forward(msg: Message, lim: ModelLimits) -> None:
 
 def check_backward(msg: Message, expected_shape: tuple[int, ...] | None = None) -> None:
     """BACKWARD: optional ``grad [B,T,H]`` float (== `expected_shape`, the sent act's,
-    when given); meta ``loss`` if present is a finite number."""
+    when given); meta ``loss_sum`` a finite number, ``valid_rows`` an int >= 0."""
     _expect_type(msg, MsgType.BACKWARD)
     extra = [k for k in msg.tensors if k != "grad"]
     if extra:
@@ -527,9 +653,10 @@ def check_backward(msg: Message, expected_shape: tuple[int, ...] | None = None) 
             _expect_shape("grad", g, expected_shape)
         if not all_finite(g):
             raise _fail(ErrorCode.NOT_FINITE, "tensor 'grad' holds NaN or Inf")
-    loss = msg.meta.get("loss", 0.0)
+    loss = msg.meta.get("loss_sum")
     if not (isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)):
-        raise _fail(ErrorCode.BAD_FIELD, f"meta loss={loss!r} is not a finite number")
+        raise _fail(ErrorCode.BAD_FIELD, f"meta loss_sum={loss!r} is not a finite number")
+    _positive_int(msg, "valid_rows", 0)
 
 
 def _check_adapter_dict(msg: Message, expected_keys: Mapping[str, tuple] | None) -> None:
@@ -555,8 +682,10 @@ def _check_adapter_dict(msg: Message, expected_keys: Mapping[str, tuple] | None)
             raise _fail(ErrorCode.BAD_ADAPTER, f"adapter key {k!r} unexpected")
 
 
-def _positive_int(msg: Message, key: str, minimum: int) -> None:
+def _positive_int(msg: Message, key: str, minimum: int, optional: bool = False) -> None:
     v = msg.meta.get(key)
+    if optional and key not in msg.meta:
+        return
     if not _is_int(v):
         raise _fail(ErrorCode.BAD_FIELD, f"meta {key}={v!r} must be an integer")
     if v < minimum:
@@ -587,30 +716,121 @@ def check_hello(msg: Message) -> None:
         raise _fail(ErrorCode.BAD_FIELD, "meta fingerprint must be a non-empty string")
 
 
-# --------------------------------------------------------------------------- benchmark
+def check_welcome(msg: Message) -> None:
+    """WELCOME meta: ``rounds`` int > 0, ``round`` int >= 0, ``clients`` int > 0."""
+    _expect_type(msg, MsgType.WELCOME)
+    for key, minimum in (("rounds", 1), ("round", 0), ("clients", 1)):
+        _positive_int(msg, key, minimum)
 
-def codec_roundtrip_seconds(shape=(4, 512, 576), dtype="fp32", repeat=20) -> dict:
-    """Time encode and decode of one FORWARD-sized tensor of `shape`, cast to `dtype`.
 
-    Decoding reads `bytes` copies of the frames, as a socket would hand them over.
-    Returns seconds per call and payload throughput in bytes/s.
-    """
-    t = torch.randn(*shape)
-    msg = Message(MsgType.FORWARD, "client", 0, tensors={"act": t})
-    encode(msg, dtype)  # warm-up
-    enc_s = dec_s = 0.0
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        frames = encode(msg, dtype)
-        t1 = time.perf_counter()
-        received = [bytes(f) for f in frames]
-        t2 = time.perf_counter()
-        decode(received)
-        dec_s += time.perf_counter() - t2
-        enc_s += t1 - t0
-    payload = sum(len(f) for f in received[1:])
-    wire = sum(len(f) for f in received)
-    enc_s, dec_s = enc_s / repeat, dec_s / repeat
-    return {"shape": list(shape), "dtype": dtype, "payload_bytes": payload, "wire_bytes": wire,
-            "encode_s": enc_s, "decode_s": dec_s, "roundtrip_s": enc_s + dec_s,
-            "bytes_per_s": payload / max(enc_s + dec_s, 1e-12)}
+def check_ack(msg: Message) -> None:
+    """ACK meta: optional ``rounds`` int > 0, optional ``aggregated`` bool."""
+    _expect_type(msg, MsgType.ACK)
+    _positive_int(msg, "rounds", 1, optional=True)
+    _optional_bool(msg, "aggregated")
+
+
+def check_heartbeat(msg: Message) -> None:
+    """HEARTBEAT meta: optional ``have`` bool."""
+    _expect_type(msg, MsgType.HEARTBEAT)
+    _optional_bool(msg, "have")
+
+
+def check_error(msg: Message) -> None:
+    """ERROR meta: ``code`` and ``text`` strings (an unknown code is read as INTERNAL, see
+    `raise_if_error`), optional ``server_round`` int >= 0."""
+    _expect_type(msg, MsgType.ERROR)
+    if not isinstance(msg.meta.get("code"), str) or not isinstance(msg.meta.get("text", ""), str):
+        raise _fail(ErrorCode.BAD_FIELD, "an error needs string meta code and text")
+    _positive_int(msg, "server_round", 0, optional=True)
+
+
+def check_empty(msg: Message) -> None:
+    """FETCH, BYE, DONE: a header alone (their tensors are refused by `decode`)."""
+
+
+def _optional_bool(msg: Message, key: str) -> None:
+    if key in msg.meta and not isinstance(msg.meta[key], bool):
+        raise _fail(ErrorCode.BAD_FIELD, f"meta {key}={msg.meta[key]!r} must be true or false")
+
+
+@dataclass(frozen=True)
+class Knows:
+    """What a receiver checks messages against (None: not known, not checked)."""
+
+    model: ModelLimits | None = None  # FORWARD: the model's sizes
+    reference: bool | None = None  # FORWARD: whether this run's method sends the reference path
+    adapters: Mapping[str, tuple[int, ...]] | None = None  # UPLOAD / ADAPTERS: names and shapes
+    grad_shape: tuple[int, ...] | None = None  # BACKWARD: the shape of the activations it answers
+
+
+# One checker per message type, given what the receiver knows.
+CHECKERS: dict[MsgType, Callable[[Message, Knows], None]] = {
+    MsgType.HELLO: lambda m, k: check_hello(m),
+    MsgType.WELCOME: lambda m, k: check_welcome(m),
+    MsgType.FORWARD: lambda m, k: check_forward(m, k.model, k.reference),
+    MsgType.BACKWARD: lambda m, k: check_backward(m, k.grad_shape),
+    MsgType.UPLOAD: lambda m, k: check_upload(m, k.adapters),
+    MsgType.ACK: lambda m, k: check_ack(m),
+    MsgType.ADAPTERS: lambda m, k: check_adapters(m, k.adapters),
+    MsgType.FETCH: lambda m, k: check_empty(m),
+    MsgType.ERROR: lambda m, k: check_error(m),
+    MsgType.BYE: lambda m, k: check_empty(m),
+    MsgType.HEARTBEAT: lambda m, k: check_heartbeat(m),
+    MsgType.DONE: lambda m, k: check_empty(m),
+}
+
+
+def check(msg: Message, knows: Knows) -> None:
+    """Run the checker of ``msg``'s type (what the dispatchers do before any handler sees it);
+    a type without one is refused."""
+    checker = CHECKERS.get(msg.type)
+    if checker is None:
+        raise _fail(ErrorCode.BAD_TYPE, f"no checker for {msg.type.value} messages")
+    checker(msg, knows)
+
+
+# ---------------------------------------------------------------------- identity stamps
+
+# With CurveZMQ the broker puts one envelope frame ``lesft-user:client-<i>`` (the User-Id
+# the client's key proved) on each request it passes to the server, after removing any
+# frame of that prefix a client forged, and removes it from replies.
+USER_PREFIX = b"lesft-user:"
+CLIENT_NAME = re.compile(r"^client-(\d+)$")  # a client's key name and authenticated user id
+
+
+def is_stamp(frame) -> bool:
+    n = len(USER_PREFIX)
+    return _nbytes(frame) >= n and bytes(memoryview(frame)[:n]) == USER_PREFIX
+
+
+def _envelope_end(frames: list, start: int) -> int:
+    for i in range(start, len(frames)):
+        if _nbytes(frames[i]) == 0:
+            return i
+    return len(frames)
+
+
+def strip_stamps(frames: list, start: int = 0) -> list:
+    """Frames without any ``lesft-user:`` frame in the envelope (before the first empty frame)."""
+    end = _envelope_end(frames, start)
+    return frames[:start] + [f for f in frames[start:end] if not is_stamp(f)] + frames[end:]
+
+
+def stamp(frames: list, user_id: str | None) -> list:
+    """Broker frontend -> server: drop forged stamps, then put the authenticated one after
+    the routing id (``frames[0]``). Without a user id (plaintext) only the drop happens."""
+    clean = strip_stamps(frames, 1)
+    if user_id:
+        clean.insert(1, USER_PREFIX + user_id.encode())
+    return clean
+
+
+def stamped_user(envelope: list, sender: int) -> str:
+    """The user id of the one stamp in ``envelope``; ``WireError(UNAUTHORISED)`` unless there is exactly one."""
+    stamps = [f for f in envelope if is_stamp(f)]
+    if len(stamps) != 1:
+        raise WireError(ErrorCode.UNAUTHORISED, f"a message claiming client {sender} carries "
+                                                f"{len(stamps)} broker identity frames, not 1: it did not come "
+                                                "through a CurveZMQ broker")
+    return bytes(memoryview(stamps[0])[len(USER_PREFIX):]).decode("utf-8", "replace")

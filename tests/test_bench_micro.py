@@ -121,6 +121,13 @@ def test_transport_thread_echo_default_shape_target(tmp_path):
     assert loop["value"] == row["loopback_GBps"] and loop["met"] == (row["loopback_GBps"] >= 1.0)
 
 
+def test_codec_roundtrip_seconds():
+    from bench.transport import codec_roundtrip_seconds
+
+    r = codec_roundtrip_seconds(shape=(2, 4, 8), dtype="bf16", repeat=2)
+    assert r["payload_bytes"] == 2 * 4 * 8 * 2 and r["bytes_per_s"] > 0
+
+
 @pytest.mark.parametrize("args, words", [
     (["--sizes", "4x5"], "not B x T x H"),
     (["--dtypes", "fp8"], "fp8"),

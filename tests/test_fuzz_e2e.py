@@ -538,16 +538,13 @@ class Fuzzer(threading.Thread):
             dict(act=torch.randint(0, 5, (1, 16, h))), dict(targets=torch.rand(1, 4)),  # dtypes
             dict(act=None), dict(extra=torch.zeros(2)), dict(ref_lengths=None),  # tensors
             dict(act=torch.randn(1, 16)), dict(act=torch.randn(1, 0, h), ref_act=torch.randn(1, 0, h)),
-            "paths", "want_grad", "session", "not_finite", "frame_size",
+            dict(ref_act=None, ref_lengths=None, ref_y_start=None),  # the run's method sends the reference path
+            "session", "not_finite", "frame_size",
         ])
-        meta = {"paths": "dual", "want_grad": True, "session": self.sessions[0]}
+        meta = {"session": self.sessions[0]}
         sender = 0
         if bad == "rows":
             tensors = self.forward_tensors(rows=self.cfg.train.batch_size + 1)
-        elif bad == "paths":
-            tensors, meta["paths"] = self.forward_tensors(), self.rng.choice(["all", 1, None])
-        elif bad == "want_grad":
-            tensors, meta["want_grad"] = self.forward_tensors(), self.rng.choice(["yes", 1, None])
         elif bad == "session":  # client 1's session on a message of client 0
             tensors, meta["session"] = self.forward_tensors(), self.sessions[1]
         elif bad == "not_finite":  # tensors are checked only once the sender is known (cheap checks first)
@@ -571,8 +568,7 @@ class Fuzzer(threading.Thread):
         round_ = self.rng.randrange(0, closed - 1) if closed >= 2 else ROUNDS + self.rng.randrange(5)
         if self.rng.random() < 0.3:
             round_ = ROUNDS + self.rng.randrange(5)
-        msg = self.message(MsgType.FORWARD, 0, round_, {"paths": "dual", "want_grad": True,
-                                                       "session": self.sessions[0]}, self.forward_tensors())
+        msg = self.message(MsgType.FORWARD, 0, round_, {"session": self.sessions[0]}, self.forward_tensors())
         return "server", self.frames(msg)
 
     def bad_upload(self):

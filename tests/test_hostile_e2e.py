@@ -81,7 +81,7 @@ def _bombs(sock: zmq.Socket) -> None:
 def _insider(ctx: zmq.Context, cfg, address: str) -> zmq.Socket:
     """A socket as client 1 would open it: plaintext, or with client 1's CurveZMQ key (an
     insider, the only attacker that gets past the handshake)."""
-    from workers.common import make_socket
+    from workers.transport import make_socket
 
     sock = make_socket(ctx, zmq.DEALER, cfg, connect=address, identity="client-1")
     sock.setsockopt(zmq.SNDTIMEO, 30_000)  # a peer gone: fail, never hang
@@ -121,7 +121,8 @@ def test_hostile_peers_change_nothing(tmp_path, e2e_cfg, live_run, reference_ada
         stray.setblocking(False)
         forger = _dealer(ctx, net.broker_backend, routing_id=b"forger")
         squatter = _dealer(ctx, net.broker_backend, routing_id=b"lesft-server")  # the server's id is taken
-        forged = wire.encode(Message(MsgType.BACKWARD, "server", 0, cfg.run.run_id, 0, 1, {"loss": 4242.0}))
+        server = wire.Origin("server", 0, cfg.run.run_id)
+        forged = wire.encode(wire.backward(server, 0, 1, loss_sum=4242.0, valid_rows=1))
         stray_got = [0]
 
         def attack() -> None:

@@ -23,7 +23,7 @@ from lesft.config import Config, ConfigError, build_config
 from lesft.metrics import Meter
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers import curve, security
-from workers.common import SERVER_ROUTING_ID, Channel, make_socket
+from workers.transport import SERVER_ROUTING_ID, Channel, frame_user_id, make_socket
 
 
 def tiny_cfg(tmp_path: Path, **over) -> Config:
@@ -143,7 +143,7 @@ def test_aggregator_side_identity_is_the_key_not_the_claim(tmp_path, keys, ctx):
     dealer.send_multipart([b"", b"body"])
     assert router.poll(5000)
     envelope, body = wire.split_envelope(router.recv_multipart(copy=False))
-    assert curve.frame_user_id(envelope[0]) == "client-0"
+    assert frame_user_id(envelope[0]) == "client-0"
     security.authorise(envelope, 0, cfg)
     with pytest.raises(WireError) as e:
         security.authorise(envelope, 1, cfg)
@@ -160,7 +160,7 @@ def test_aggregator_side_identity_is_the_key_not_the_claim(tmp_path, keys, ctx):
 def test_broker_stamp_replaces_forgeries_and_never_reaches_the_client(tmp_path, keys):
     rid = b"\x00abcd"
     forged = [rid, b"lesft-user:client-1", b"", b"header", b"lesft-user:client-1 (a tensor)"]
-    to_server = curve.stamp(forged, "client-0")
+    to_server = wire.stamp(forged, "client-0")
     assert to_server == [rid, b"lesft-user:client-0", b"", b"header", b"lesft-user:client-1 (a tensor)"]
     cfg = tiny_cfg(tmp_path, keys_dir=str(keys))
     envelope, _ = wire.split_envelope(to_server)  # what the server's DEALER sees
@@ -170,9 +170,9 @@ def test_broker_stamp_replaces_forgeries_and_never_reaches_the_client(tmp_path, 
     assert e.value.code == ErrorCode.UNAUTHORISED
     with pytest.raises(WireError):  # no stamp at all: not through a CurveZMQ broker
         security.authorise([rid, b""], 0, cfg)
-    reply = curve.strip_stamps(to_server, 1)
+    reply = wire.strip_stamps(to_server, 1)
     assert reply == [rid, b"", b"header", b"lesft-user:client-1 (a tensor)"]
-    assert curve.stamp(forged, None)[:3] == [rid, b"", b"header"]  # plaintext: forgeries still dropped
+    assert wire.stamp(forged, None)[:3] == [rid, b"", b"header"]  # plaintext: forgeries still dropped
 
 
 def test_key_outside_the_allow_list_is_refused(tmp_path, keys, ctx):
@@ -412,7 +412,7 @@ def test_squat_and_takeover_of_a_client_id(tmp_path, keys, curve_on):
     worker = Worker(cfg, -1)
     sessions = Sessions(takeover_after=0.2)
     admit = worker.admission({MsgType.HELLO: None, MsgType.FORWARD: None}, sessions)
-    stamped = [b"\x00\x01", curve.USER_PREFIX + b"client-1", b""]  # what the broker puts on client 1's messages
+    stamped = [b"\x00\x01", wire.USER_PREFIX + b"client-1", b""]  # what the broker puts on client 1's messages
 
     def hello(session: str) -> Message:
         return Message(MsgType.HELLO, "client", 0, "x", -1, 1, {"client_id": 0, "session": session})

@@ -14,7 +14,7 @@ from lesft import wire
 from lesft.wire import (ALLOWED_DTYPES, PROTOCOL_VERSION, ErrorCode, Limits, Message,
                         ModelLimits, MsgType, WireError, check_adapters, check_backward,
                         check_forward, check_hello, check_upload, decode, encode,
-                        error_message, raise_if_error, split_envelope)
+                        error, raise_if_error, split_envelope)
 
 LIM = ModelLimits(hidden_size=8, max_length=16, max_rows=4, vocab_size=50)
 
@@ -33,8 +33,7 @@ def forward_msg(b=2, t=6, h=8, ref=True, **meta) -> Message:
         tensors |= {"ref_act": torch.randn(b, t + 2, h, generator=g),
                     "ref_lengths": torch.full((b,), t + 2, dtype=torch.int64),
                     "ref_y_start": torch.full((b,), 4, dtype=torch.int64)}
-    return Message(MsgType.FORWARD, "client", 3, "run-1", 5, 7,
-                   {"paths": "dual", "want_grad": True, **meta}, tensors)
+    return Message(MsgType.FORWARD, "client", 3, "run-1", 5, 7, dict(meta), tensors)
 
 
 def header_of(frames) -> dict:
@@ -199,11 +198,6 @@ def test_wire_module_imports_no_zmq():
     assert not any(n.split(".")[0] == "zmq" for n in names)
 
 
-def test_benchmark_runs():
-    r = wire.codec_roundtrip_seconds(shape=(2, 4, 8), dtype="bf16", repeat=2)
-    assert r["payload_bytes"] == 2 * 4 * 8 * 2 and r["bytes_per_s"] > 0
-
-
 # -------------------------------------------------------------------- envelope, errors
 
 def test_split_envelope():
@@ -214,7 +208,7 @@ def test_split_envelope():
 
 
 def test_error_message_roundtrip_and_raise():
-    msg = error_message(ErrorCode.BAD_SHAPE, "act\nwrong", role="server", sender=-1, round=3, seq=4)
+    msg = error(wire.Origin("server", -1), ErrorCode.BAD_SHAPE, "act\nwrong", 3, 4)
     out = roundtrip(msg)
     assert out.type == MsgType.ERROR and out.meta == {"code": "bad_shape", "text": "act wrong"}
     e = rejects(ErrorCode.BAD_SHAPE, raise_if_error, out)
@@ -452,16 +446,13 @@ def test_fuzz_decode_raises_only_wire_error():
 
 def test_forward_valid_with_and_without_ref():
     check_forward(roundtrip(forward_msg()), LIM)
-    check_forward(roundtrip(forward_msg(ref=False, paths="base")), LIM)
+    check_forward(roundtrip(forward_msg(ref=False)), LIM)
+    check_forward(roundtrip(forward_msg()), LIM, reference=True)
+    check_forward(roundtrip(forward_msg(ref=False)), LIM, reference=False)
 
 
 def test_forward_rejects_wrong_type():
     rejects(ErrorCode.BAD_TYPE, check_forward, Message(MsgType.UPLOAD, "client", 0), LIM)
-
-
-@pytest.mark.parametrize("meta", [{"paths": "both"}, {"want_grad": 1}])
-def test_forward_rejects_bad_meta(meta):
-    rejects(ErrorCode.BAD_FIELD, check_forward, forward_msg(**meta), LIM)
 
 
 def test_forward_rejects_missing_tensor():
@@ -484,8 +475,13 @@ def test_forward_rejects_partial_ref(drop):
     assert drop in e.text
 
 
-def test_forward_dual_paths_needs_ref():
-    rejects(ErrorCode.MISSING_TENSOR, check_forward, forward_msg(ref=False), LIM)
+def test_forward_paths_are_the_receivers_method():
+    """The server knows from its own method whether the reference path comes (the paths are
+    in the fingerprint): a FORWARD that differs is refused, whatever it claims."""
+    e = rejects(ErrorCode.MISSING_TENSOR, check_forward, forward_msg(ref=False), LIM, reference=True)
+    assert "ref_act" in e.text
+    e = rejects(ErrorCode.UNEXPECTED_TENSOR, check_forward, forward_msg(), LIM, reference=False)
+    assert "does not use" in e.text
 
 
 def test_forward_rejects_int_activation():
@@ -567,19 +563,22 @@ def test_forward_rejects_targets_longer_than_act():
 
 def test_backward_valid_and_rejections():
     g = torch.randn(2, 6, 8)
-    ok = roundtrip(Message(MsgType.BACKWARD, "server", -1, meta={"loss": 1.5}, tensors={"grad": g}))
+    meta = {"loss_sum": 1.5, "valid_rows": 2}
+    ok = roundtrip(Message(MsgType.BACKWARD, "server", -1, meta=meta, tensors={"grad": g}))
     check_backward(ok, expected_shape=(2, 6, 8))
-    check_backward(Message(MsgType.BACKWARD, "server", -1))
+    check_backward(Message(MsgType.BACKWARD, "server", -1, meta=meta))
     rejects(ErrorCode.BAD_SHAPE, check_backward, ok, expected_shape=(2, 6, 9))
     rejects(ErrorCode.UNEXPECTED_TENSOR, check_backward,
-            Message(MsgType.BACKWARD, "server", -1, tensors={"grad": g, "x": g}))
+            Message(MsgType.BACKWARD, "server", -1, meta=meta, tensors={"grad": g, "x": g}))
     rejects(ErrorCode.BAD_DTYPE, check_backward,
-            Message(MsgType.BACKWARD, "server", -1, tensors={"grad": g.long()}))
+            Message(MsgType.BACKWARD, "server", -1, meta=meta, tensors={"grad": g.long()}))
     rejects(ErrorCode.NOT_FINITE, check_backward,
-            Message(MsgType.BACKWARD, "server", -1, tensors={"grad": g / 0}))
-    for loss in (float("nan"), True, "1"):
+            Message(MsgType.BACKWARD, "server", -1, meta=meta, tensors={"grad": g / 0}))
+    for loss in (float("nan"), True, "1", None):
         rejects(ErrorCode.BAD_FIELD, check_backward,
-                Message(MsgType.BACKWARD, "server", -1, meta={"loss": loss}))
+                Message(MsgType.BACKWARD, "server", -1, meta={**meta, "loss_sum": loss}))
+    for rows, code in ((-1, ErrorCode.OUT_OF_RANGE), (1.0, ErrorCode.BAD_FIELD), (None, ErrorCode.BAD_FIELD)):
+        rejects(code, check_backward, Message(MsgType.BACKWARD, "server", -1, meta={**meta, "valid_rows": rows}))
 
 
 ADAPTER_KEYS = {"l0.lora_A": (8, 16), "l0.lora_B": (16, 8)}
@@ -641,3 +640,80 @@ def test_hello_checks():
                          ({"fingerprint": ""}, ErrorCode.BAD_FIELD),
                          ({"fingerprint": 7}, ErrorCode.BAD_FIELD)]:
         rejects(code, check_hello, Message(MsgType.HELLO, "client", 0, meta=good | change))
+
+
+# ------------------------------------------------------------- constructors and checkers
+
+CLIENT = wire.Origin("client", 3, "run-1", "s" * 32)
+SERVER = wire.Origin("server", 0, "run-1")
+
+
+def constructed() -> dict[MsgType, Message]:
+    """One message of every type, from its constructor."""
+    from lesft.batching import Rows
+
+    f = forward_msg().tensors
+    rows = Rows.from_tensors(f, torch.zeros(2, dtype=torch.int64))
+    adapters = {k: torch.randn(*s) for k, s in ADAPTER_KEYS.items()}
+    return {
+        MsgType.HELLO: wire.hello(CLIENT, 1, client_id=3, n_samples=4, fingerprint="f" * 16, parts={"k": 1}),
+        MsgType.WELCOME: wire.welcome(SERVER, 1, rounds=8, round=0, clients=4),
+        MsgType.FORWARD: wire.forward(CLIENT, 5, 7, rows),
+        MsgType.BACKWARD: wire.backward(SERVER, 5, 7, loss_sum=3.5, valid_rows=2, grad=torch.randn(2, 6, 8)),
+        MsgType.UPLOAD: wire.upload(CLIENT, 3, 8, n_samples=4, adapters=adapters),
+        MsgType.ACK: wire.ack(SERVER, 3, 8, rounds=8, aggregated=True),
+        MsgType.ADAPTERS: wire.adapters(SERVER, 3, 0, adapters, clients=[0, 3], n_samples=8, of_round=3),
+        MsgType.FETCH: wire.fetch(CLIENT, -1, 9),
+        MsgType.ERROR: wire.error(SERVER, ErrorCode.STALE_ROUND, "round 2 is over", 2, 10, server_round=4),
+        MsgType.BYE: wire.bye(CLIENT, 11),
+        MsgType.HEARTBEAT: wire.heartbeat(SERVER, 5, 7, have=True),
+        MsgType.DONE: wire.done(SERVER, 11),
+    }
+
+
+def test_every_type_has_a_constructor_and_a_checker():
+    assert set(constructed()) == set(MsgType) == set(wire.CHECKERS)
+
+
+@pytest.mark.parametrize("mtype", list(MsgType))
+def test_a_constructors_message_passes_its_checker(mtype):
+    msg = constructed()[mtype]
+    knows = wire.Knows(model=LIM, reference=True, adapters=ADAPTER_KEYS, grad_shape=(2, 6, 8))
+    out = roundtrip(msg)
+    assert out.type == mtype and out.meta == msg.meta
+    wire.check(out, knows)
+    if msg.role == "client":
+        assert out.meta["session"] == CLIENT.session  # a client's every message speaks for its session
+        assert wire.Origin.of(out) == CLIENT
+
+
+@pytest.mark.parametrize("mtype, meta", [
+    (MsgType.WELCOME, {"rounds": 0, "round": 0, "clients": 1}), (MsgType.WELCOME, {"rounds": 2}),
+    (MsgType.ACK, {"rounds": "8"}), (MsgType.ACK, {"aggregated": 1}), (MsgType.HEARTBEAT, {"have": "no"}),
+    (MsgType.ERROR, {"code": 3, "text": "x"}), (MsgType.ERROR, {"code": "internal", "text": "x", "server_round": -1}),
+])
+def test_checkers_refuse_bad_meta(mtype, meta):
+    with pytest.raises(WireError):
+        wire.check(Message(mtype, "server", 0, meta=meta), wire.Knows())
+
+
+def test_check_refuses_a_type_without_checker(monkeypatch):
+    monkeypatch.delitem(wire.CHECKERS, MsgType.BYE)
+    rejects(ErrorCode.BAD_TYPE, wire.check, constructed()[MsgType.BYE], wire.Knows())
+
+
+def test_one_dtype_table():
+    assert wire.WIRE_DTYPES == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert wire.MODEL_DTYPES == {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    assert all(wire.WIRE_DTYPES[wire.wire_name(dt)] == dt for dt in wire.WIRE_DTYPES.values())
+    assert len(ALLOWED_DTYPES) == len(wire.DTYPES) == len({d.dtype for d in wire.DTYPES})
+
+
+def test_stamps_are_replaced_and_read():
+    rid = b"\x00ab"
+    forged = [rid, wire.USER_PREFIX + b"client-1", b"", b"header"]
+    stamped = wire.stamp(forged, "client-0")
+    assert stamped == [rid, b"lesft-user:client-0", b"", b"header"]
+    assert wire.stamped_user(stamped[:3], 0) == "client-0"
+    assert wire.strip_stamps(stamped, 1) == [rid, b"", b"header"]
+    rejects(ErrorCode.UNAUTHORISED, wire.stamped_user, [rid, b""], 0)

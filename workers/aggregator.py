@@ -29,8 +29,8 @@ from lesft.rounds import Policy, Rounds, Verdict
 from lesft.split import split_point
 from lesft.trainer import GLOBAL_CLIENT_FILE, client_sizes, combine_run, mark_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
-from workers.common import (NOTE_EVERY_S, Channel, Inbound, Oversized, Sessions, Worker, WorkerError,
-                            check_fingerprint, make_socket, recv_bounded)
+from workers.common import Sessions, Worker, check_fingerprint
+from workers.transport import NOTE_EVERY_S, Channel, Inbound, Oversized, WorkerError, make_socket, recv_bounded
 
 TOPICS = frozenset({MsgType.ADAPTERS.value.encode(), MsgType.HEARTBEAT.value.encode()})
 SUBSCRIPTION_BYTES = 4096  # frame cap on the XPUB: room for the CurveZMQ handshake, not for a bomb
@@ -50,7 +50,7 @@ class Aggregator(Worker):
         self.fingerprint, self.parts = run_fingerprint(cfg, source)
         method = get_method(cfg.train.method)
         layers = range(split_point(source.n_layers, cfg.model.split_ratio)) if method.split else range(source.n_layers)
-        self.schema: dict[str, tuple[int, ...]] = adapter_shapes(source.config, layers, cfg.lora)
+        self.knows = wire.Knows(adapters=adapter_shapes(source.config, layers, cfg.lora))
         self.latest: Message | None = None
         self.done_at: float | None = None
         # A live client is heard here only every aggregate_every rounds, so a few heartbeats of
@@ -103,7 +103,7 @@ class Aggregator(Worker):
                     self.close(verdict, now)
                 if now >= next_beat:
                     # fast beats while subscribers are still joining
-                    self.pub.send(self.message(MsgType.HEARTBEAT))
+                    self.pub.send(wire.heartbeat(self.origin))
                     fast = not self.rounds.started
                     next_beat = now + (0.1 if fast else net.heartbeat_s)
                 if self.done_at is not None and now - self.done_at > net.done_linger_s:
@@ -139,10 +139,9 @@ class Aggregator(Worker):
                 self.meter.count("rejected.subscription")
 
     def ack(self, inbound: Inbound, msg: Message, **meta) -> None:
-        self.router.send(self.message(MsgType.ACK, msg.round, msg.seq, meta), inbound.envelope)
+        self.router.send(wire.ack(self.origin, msg.round, msg.seq, **meta), inbound.envelope)
 
     def on_hello(self, inbound: Inbound, msg: Message) -> None:
-        wire.check_hello(msg)
         cid = msg.meta["client_id"]
         if cid != msg.sender or cid >= self.expected:
             raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1}")
@@ -159,19 +158,21 @@ class Aggregator(Worker):
             # without a server the clients learn the rounds here, once every size is known
             # (answered directly: a client waiting for the others is not a rejected message)
             missing = self.expected - len(self.rounds.sizes)
-            self.router.send(wire.error_message(ErrorCode.NOT_READY, f"waiting for {missing} more client(s)",
-                                                role=self.role, sender=self.id, run_id=self.run_id, round=msg.round,
-                                                seq=msg.seq), inbound.envelope)
+            self.router.send(wire.error(self.origin, ErrorCode.NOT_READY, f"waiting for {missing} more client(s)",
+                                        msg.round, msg.seq), inbound.envelope)
             return
-        self.ack(inbound, msg, **({"rounds": rounds} if rounds is not None else {}))
+        self.ack(inbound, msg, rounds=rounds)
 
     def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
         # the aggregator answers every request at once, so a waiting client lost it: resend
-        self.router.send(self.message(MsgType.HEARTBEAT, msg.round, msg.seq, {"have": False}), inbound.envelope)
+        self.router.send(wire.heartbeat(self.origin, msg.round, msg.seq, have=False), inbound.envelope)
+
+    def refuse_early(self, msg: Message) -> None:
+        """An upload too far ahead is refused from its header, before its tensors are decoded."""
+        if msg.type == MsgType.UPLOAD:
+            self.rounds.check_window(msg.round)
 
     def on_upload(self, inbound: Inbound, msg: Message) -> None:
-        self.rounds.check_window(msg.round)
-        wire.check_upload(msg, self.schema)
         upload = ({k: v.clone() for k, v in msg.tensors.items()}, msg.meta["n_samples"])
         if self.rounds.result(msg.sender, msg.round, upload, time.monotonic()):
             self.ack(inbound, msg)
@@ -198,8 +199,8 @@ class Aggregator(Worker):
         with self.meter.phase("aggregate"):
             avg = fedavg([bucket[cid] for cid in sorted(bucket)])
         save_adapters(avg, self.run_dir / GLOBAL_CLIENT_FILE, {"round": r})
-        self.latest = self.message(MsgType.ADAPTERS, r, 0, {"clients": sorted(bucket),
-                                                           "n_samples": sum(n for _, n in bucket.values())}, avg)
+        self.latest = wire.adapters(self.origin, r, 0, avg, clients=sorted(bucket),
+                                    n_samples=sum(n for _, n in bucket.values()))
         self.pub.send(self.latest)
         self.meter.count("aggregations")
         self.record("aggregation", round=r, clients=sorted(bucket), weights={c: bucket[c][1] for c in sorted(bucket)},
@@ -208,9 +209,9 @@ class Aggregator(Worker):
 
     def on_fetch(self, inbound: Inbound, msg: Message) -> None:
         self.rounds.check_outcome(msg.round)
-        reply = Message(MsgType.ADAPTERS, self.role, self.id, self.run_id, msg.round, msg.seq,
-                        dict(self.latest.meta, round=self.latest.round), self.latest.tensors)
-        self.router.send(reply, inbound.envelope)
+        latest = self.latest
+        self.router.send(wire.adapters(self.origin, msg.round, msg.seq, latest.tensors, clients=latest.meta["clients"],
+                                       n_samples=latest.meta["n_samples"], of_round=latest.round), inbound.envelope)
 
     def on_bye(self, inbound: Inbound, msg: Message) -> None:
         complete = self.rounds.bye(msg.sender, msg.seq, inbound.envelope)

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Callable
 
 import zmq
 
 from lesft import checkpoint, wire
 from lesft.config import Config
-from lesft.engine import ClientParty, is_aggregation_round, is_step_round, run_fingerprint
+from lesft.engine import ClientParty, is_aggregation_round, is_step_round, mean_loss, run_fingerprint
 from lesft.methods import get_method
 from lesft.models import source_for
 from lesft.trainer import adapter_meta, client_epochs, client_examples, client_file
 from lesft.wire import ErrorCode, Message, MsgType, WireError
-from workers.common import NOTE_EVERY_S, Channel, Peer, Worker, WorkerError, make_socket, request
+from workers.common import Worker
+from workers.transport import NOTE_EVERY_S, Channel, Peer, WorkerError, make_socket, request
 
 
 class Client(Worker):
@@ -43,26 +45,24 @@ class Client(Worker):
         state = self.load_state()
         # who speaks for this client id: kept across a restart through the state file
         self.session = state["session"] if state and state.get("session") else secrets.token_hex(16)
+        self.origin = wire.Origin(self.role, self.id, self.run_id, self.session)
 
     # ------------------------------------------------------------------ sockets
 
     def _dealer(self, address: str):
         return lambda: make_socket(self.ctx, zmq.DEALER, self.cfg, connect=address, identity=f"client-{self.id}")
 
-    def message(self, t: MsgType, round_: int = -1, seq: int = 0, meta: dict | None = None,
-                tensors: dict | None = None) -> Message:
-        return super().message(t, round_, seq, {**(meta or {}), "session": self.session}, tensors)
-
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
 
-    def ask(self, peer: Peer, t: MsgType, expect: set[MsgType], round_: int = -1, meta: dict | None = None,
-            tensors: dict | None = None, float_dtype: str | None = None) -> Message:
-        msg = self.message(t, round_, self.next_seq(), meta, tensors)
-        patience = self.cfg.net.register_timeout_s if t == MsgType.HELLO else None  # the others' timeout too
+    def ask(self, peer: Peer, make: Callable[[int], Message], expect: set[MsgType], float_dtype: str | None = None,
+            knows: wire.Knows = wire.Knows()) -> Message:
+        """Send the message ``make(seq)`` builds (a :mod:`lesft.wire` constructor) and wait for its reply."""
+        msg = make(self.next_seq())
+        patience = self.cfg.net.register_timeout_s if msg.type == MsgType.HELLO else None  # the others' timeout too
         return request(peer, msg, expect, cfg=self.cfg, stop=self.stop, log=self.log, float_dtype=float_dtype,
-                       patience_s=patience)
+                       patience_s=patience, knows=knows)
 
     # ------------------------------------------------------------------ run
 
@@ -156,16 +156,18 @@ class Client(Worker):
         A restarted client resumes from its saved state; a client joining a run that has
         already started begins at the server's round with the latest global adapters.
         """
-        meta = {"client_id": self.id, "n_samples": self.party.n_samples, "fingerprint": self.fingerprint,
-                "parts": self.parts}
+        def hello(seq: int) -> Message:
+            return wire.hello(self.origin, seq, client_id=self.id, n_samples=self.party.n_samples,
+                              fingerprint=self.fingerprint, parts=self.parts)
+
         if self.server is not None:
             self.log.info("registering with the server via the broker at %s", self.cfg.net.broker_frontend)
-            welcome = self.ask(self.server, MsgType.HELLO, {MsgType.WELCOME}, meta=meta)
+            welcome = self.ask(self.server, hello, {MsgType.WELCOME})
             server_round, rounds = int(welcome.meta["round"]), int(welcome.meta["rounds"])
         else:
             server_round, rounds = -1, None
         if self.method.aggregate:
-            ack = self.join_aggregator(meta)
+            ack = self.join_aggregator(hello)
             if rounds is None:  # no server: the aggregator decides from every client's size
                 rounds = int(ack.meta.get("rounds") or self._local_rounds())
         if rounds is None:
@@ -191,19 +193,16 @@ class Client(Worker):
         if self.server is None:
             return float(self.party.local_step(r).loss.detach())
         rows = self.party.forward(r)
-        reply = self.ask(self.server, MsgType.FORWARD, {MsgType.BACKWARD}, r,
-                         {"paths": self.party.wire_paths, "want_grad": self.method.client_trains}, rows.tensors(),
-                         float_dtype=self.cfg.net.wire_dtype)
-        try:
-            wire.check_backward(reply, tuple(rows.act.shape) if self.method.client_trains else None)
-        except WireError as e:
-            raise WorkerError(f"the server's gradient for round {r} is unusable ({e})") from None
-        self.party.backward(reply.tensors.get("grad"), int(reply.meta.get("valid_rows", len(rows))))
-        return float(reply.meta.get("loss", 0.0))
+        knows = wire.Knows(grad_shape=tuple(rows.act.shape) if self.method.client_trains else None)
+        reply = self.ask(self.server, lambda seq: wire.forward(self.origin, r, seq, rows), {MsgType.BACKWARD},
+                         float_dtype=self.cfg.net.wire_dtype, knows=knows)
+        valid = reply.meta["valid_rows"]
+        self.party.backward(reply.tensors.get("grad"), valid)
+        return mean_loss(reply.meta["loss_sum"], valid)
 
     # ------------------------------------------------------------------ aggregation
 
-    def join_aggregator(self, meta: dict) -> Message:
+    def join_aggregator(self, hello: Callable[[int], Message]) -> Message:
         """Subscribe, wait until the subscription is live (a heartbeat arrives), then HELLO.
 
         The aggregator therefore knows every registered client is a connected subscriber
@@ -228,13 +227,13 @@ class Client(Worker):
                 next_note = now + NOTE_EVERY_S
                 self.log.info("waiting for the aggregator's broadcasts at %s for %.0f s (giving up after %.0f s, "
                               "--register-timeout-s)", net.aggregator_pub, now - started, net.register_timeout_s)
-        return self.ask(self.agg, MsgType.HELLO, {MsgType.ACK}, meta=meta)
+        return self.ask(self.agg, hello, {MsgType.ACK})
 
     def aggregate(self, r: int) -> None:
         """UPLOAD this client's adapters for round r; load the global adapters of round r."""
         try:
-            self.ask(self.agg, MsgType.UPLOAD, {MsgType.ACK}, r, {"n_samples": self.party.n_samples},
-                     self.party.adapters())
+            self.ask(self.agg, lambda seq: wire.upload(self.origin, r, seq, n_samples=self.party.n_samples,
+                                                       adapters=self.party.adapters()), {MsgType.ACK})
             got = self.wait_broadcast(r)
             self.load_global(got if got is not None else self.fetch(r))
         except WireError as e:
@@ -248,24 +247,26 @@ class Client(Worker):
         while time.monotonic() < deadline and not self.stop.is_set():
             if not self.sub.sock.poll(100):
                 continue
-            inbound = self.sub.recv()
-            msg = inbound.msg
-            if msg is None or msg.type != MsgType.ADAPTERS:
+            msg = self.sub.recv().msg
+            if msg is None or msg.type != MsgType.ADAPTERS or msg.round < r:
                 continue
-            if msg.round >= r:
-                return msg
+            try:
+                wire.check(msg, wire.Knows())
+            except WireError as e:
+                raise unusable_adapters(msg, e) from None
+            return msg
         return None
 
     def fetch(self, r: int) -> Message:
         """Ask the aggregator for the global adapters of round r (-1: the latest)."""
-        return self.ask(self.agg, MsgType.FETCH, {MsgType.ADAPTERS}, r)
+        return self.ask(self.agg, lambda seq: wire.fetch(self.origin, r, seq), {MsgType.ADAPTERS})
 
     def load_global(self, msg: Message) -> None:
+        """Load checked global adapters (a broadcast, or the answer to a FETCH)."""
         try:
-            wire.check_adapters(msg)
             self.party.load_adapters(msg.tensors)
-        except (WireError, ValueError) as e:
-            raise WorkerError(f"the aggregator's adapters of round {msg.round} are unusable ({e})") from None
+        except ValueError as e:
+            raise unusable_adapters(msg, e) from None
         self.global_round = msg.round
 
     # ------------------------------------------------------------------ end
@@ -280,8 +281,11 @@ class Client(Worker):
         # the server first: its DONE means its files are saved; the aggregator's BYE comes
         # last, so under honcho no other role can exit (and stop the rest) before that
         if self.server is not None:
-            self.ask(self.server, MsgType.BYE, {MsgType.DONE})
+            self.ask(self.server, lambda seq: wire.bye(self.origin, seq), {MsgType.DONE})
         if self.agg is not None:
-            self.ask(self.agg, MsgType.BYE, {MsgType.ACK})
+            self.ask(self.agg, lambda seq: wire.bye(self.origin, seq), {MsgType.ACK})
         self.log.info("done")
 
+
+def unusable_adapters(msg: Message, e: Exception) -> WorkerError:
+    return WorkerError(f"the aggregator's adapters of round {msg.round} are unusable ({e})")

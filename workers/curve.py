@@ -21,7 +21,7 @@ Connecting sockets are CURVE clients with their own key pair and the public key 
 process they connect to. Identity travels as follows: the aggregator reads the ZAP
 User-Id of each received frame; the server sits behind the broker, so the broker
 inserts one envelope frame ``lesft-user:client-<i>`` (after removing any a client
-forged) and removes it from replies. :func:`authorise` checks either form.
+forged; ``lesft.wire.stamp``) and removes it from replies. :func:`authorise` checks either form.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import _thread
 import atexit
 import logging
-import re
 import signal
 import threading
 from pathlib import Path
@@ -40,14 +39,13 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from lesft.config import Config, ConfigError
-from lesft.wire import ErrorCode, WireError
+from lesft.wire import CLIENT_NAME, ErrorCode, WireError, stamped_user
+from workers.transport import frame_user_id
 
 log = logging.getLogger("curve")
 
-USER_PREFIX = b"lesft-user:"
 DOMAIN_CLIENTS = "lesft-clients"
 DOMAIN_SERVER = "lesft-server"
-CLIENT_NAME = re.compile(r"^client-(\d+)$")
 ROLES = ("server", "broker", "aggregator")
 HINT = "create keys with `lesft keys generate --out DIR` and pass --keys-dir DIR (see docs/security.md)"
 
@@ -312,45 +310,6 @@ def _refused(line: str) -> None:
 
 # ----------------------------------------------------------------------------- identity
 
-def _nbytes(frame) -> int:
-    return memoryview(frame).nbytes
-
-
-def is_stamp(frame) -> bool:
-    n = len(USER_PREFIX)
-    return _nbytes(frame) >= n and bytes(memoryview(frame)[:n]) == USER_PREFIX
-
-
-def _envelope_end(frames: list, start: int) -> int:
-    for i in range(start, len(frames)):
-        if _nbytes(frames[i]) == 0:
-            return i
-    return len(frames)
-
-
-def strip_stamps(frames: list, start: int = 0) -> list:
-    """Frames without any ``lesft-user:`` frame in the envelope (before the first empty frame)."""
-    end = _envelope_end(frames, start)
-    return frames[:start] + [f for f in frames[start:end] if not is_stamp(f)] + frames[end:]
-
-
-def stamp(frames: list, user_id: str | None) -> list:
-    """Broker frontend -> server: drop forged stamps, then put the authenticated one after
-    the routing id (``frames[0]``). Without a user id (plaintext) only the drop happens."""
-    clean = strip_stamps(frames, 1)
-    if user_id:
-        clean.insert(1, USER_PREFIX + user_id.encode())
-    return clean
-
-
-def frame_user_id(frame) -> str | None:
-    """The ZAP User-Id of the CURVE peer a received frame came from (None: not known here)."""
-    try:
-        return frame.get("User-Id") or None
-    except (zmq.ZMQError, AttributeError, TypeError):
-        return None
-
-
 def authorise(envelope: list, sender: int, cfg: Config, user_id: str | None = None) -> None:  # noqa: ARG001
     """Raise ``WireError(UNAUTHORISED)`` unless the message was sent with client ``sender``'s key.
 
@@ -358,14 +317,7 @@ def authorise(envelope: list, sender: int, cfg: Config, user_id: str | None = No
     (or ``user_id``); a client behind the broker (the server's) by the broker's stamp.
     """
     expected = f"client-{sender}"
-    user = user_id or next((u for u in map(frame_user_id, envelope) if u), None)
-    if user is None:
-        stamps = [f for f in envelope if is_stamp(f)]
-        if len(stamps) != 1:
-            raise WireError(ErrorCode.UNAUTHORISED, f"a message claiming client {sender} carries "
-                                                    f"{len(stamps)} broker identity frames, not 1: it did not come "
-                                                    "through a CurveZMQ broker")
-        user = bytes(memoryview(stamps[0])[len(USER_PREFIX):]).decode("utf-8", "replace")
+    user = user_id or next((u for u in map(frame_user_id, envelope) if u), None) or stamped_user(envelope, sender)
     if user != expected:
         raise WireError(ErrorCode.UNAUTHORISED, f"the message claims client {sender} but was sent with the key "
                                                 f"of {user}: a client may only speak as itself")

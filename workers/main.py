@@ -36,7 +36,8 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
     from lesft.trainer import RunDirError
     from lesft.wire import WireError
     from workers import security
-    from workers.common import WorkerError, run_dir_for
+    from workers.process import run_dir_for
+    from workers.transport import WorkerError
 
     if role not in ROLES:
         fail(f"--role {role!r} is not a role: use one of {', '.join(ROLES)}.")
@@ -80,7 +81,7 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
 
 
 def main() -> None:
-    from workers.common import die_with_parent
+    from workers.process import die_with_parent
 
     die_with_parent()
     app(prog_name="lesft-worker")

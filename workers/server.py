@@ -15,18 +15,18 @@ import time
 import zmq
 
 from lesft import checkpoint, wire
-from lesft.batching import Rows
 from lesft.config import Config
-from lesft.engine import ServerParty, is_step_round, run_fingerprint, total_rounds
-from lesft.lora import row_keys, save_adapters
+from lesft.engine import ServerParty, is_step_round, run_fingerprint, sends_reference, total_rounds
+from lesft.lora import save_adapters
 from lesft.methods import get_method
 from lesft.metrics import RoundTally
 from lesft.models import source_for
 from lesft.rounds import Policy, Request, Rounds, Send, Verdict, Welcome
 from lesft.trainer import SERVER_FILE, adapter_meta, client_sizes, combine_run, mark_run
 from lesft.wire import ErrorCode, Message, MsgType, WireError
-from workers.common import (NOTE_EVERY_S, SERVER_ROUTING_ID, Channel, Inbound, Sessions, Worker, WorkerError,
-                            check_fingerprint, make_socket)
+from workers.common import Sessions, Worker, check_fingerprint
+from workers.transport import NOTE_EVERY_S, SERVER_ROUTING_ID, Channel, Inbound, WorkerError, make_socket
+
 
 class Server(Worker):
     role = "server"
@@ -39,8 +39,9 @@ class Server(Worker):
         self.meter.device = str(self.party.device)
         self.fingerprint, self.parts = run_fingerprint(cfg, self.source)
         c = self.source.config
-        self.limits = wire.ModelLimits(hidden_size=int(c.hidden_size), max_length=cfg.data.max_length,
-                                       max_rows=cfg.train.batch_size, vocab_size=int(c.vocab_size))
+        limits = wire.ModelLimits(hidden_size=int(c.hidden_size), max_length=cfg.data.max_length,
+                                  max_rows=cfg.train.batch_size, vocab_size=int(c.vocab_size))
+        self.knows = wire.Knows(model=limits, reference=sends_reference(self.method, cfg))
         self.expected = cfg.data.clients
         self.rounds = Rounds(Policy.from_config(cfg), functools.partial(total_rounds, cfg),
                              batch_wait_s=cfg.net.microbatch_wait_ms / 1000, resend_after_s=2 * cfg.net.heartbeat_s,
@@ -122,18 +123,17 @@ class Server(Worker):
     def send(self, out: Send | Welcome) -> None:
         """A reply the round engine released, or a WELCOME."""
         if isinstance(out, Welcome):
-            meta = {"rounds": self.rounds.total, "round": self.rounds.current, "clients": self.expected}
-            self.chan.send(self.message(MsgType.WELCOME, -1, out.seq, meta), out.reply_to)
+            self.chan.send(wire.welcome(self.origin, out.seq, rounds=self.rounds.total, round=self.rounds.current,
+                                        clients=self.expected), out.reply_to)
             return
-        grad = out.value["grad"]
-        reply = self.message(MsgType.BACKWARD, out.round, out.seq, out.value["meta"],
-                             {"grad": grad} if grad is not None else {})
-        self.chan.send(reply, out.reply_to, out.value["dtype"])
+        v = out.value
+        reply = wire.backward(self.origin, out.round, out.seq, loss_sum=v["loss_sum"], valid_rows=v["valid_rows"],
+                              grad=v["grad"])
+        self.chan.send(reply, out.reply_to, v["dtype"])
 
     # ------------------------------------------------------------------ handlers
 
     def on_hello(self, inbound: Inbound, msg: Message) -> None:
-        wire.check_hello(msg)
         cid = msg.meta["client_id"]
         if cid != msg.sender or cid >= self.expected:
             raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1} "
@@ -161,11 +161,9 @@ class Server(Worker):
         have, again = self.rounds.heartbeat(msg.sender, msg.round, msg.seq, inbound.envelope, time.monotonic())
         if again is not None:
             self.send(again)
-        self.chan.send(self.message(MsgType.HEARTBEAT, msg.round, msg.seq, {"have": have}), inbound.envelope)
+        self.chan.send(wire.heartbeat(self.origin, msg.round, msg.seq, have), inbound.envelope)
 
     def on_forward(self, inbound: Inbound, msg: Message) -> None:
-        self.rounds.check_started()
-        wire.check_forward(msg, self.limits)
         cached = self.rounds.request(Request(msg.sender, msg.round, msg.seq, inbound.envelope, msg, time.monotonic()))
         if cached is not None:
             self.send(cached)
@@ -192,12 +190,11 @@ class Server(Worker):
     def process(self, batch: list[Request]) -> None:
         """Run one microbatch; each client's reply waits in the engine until its round closes."""
         msgs = [q.payload for q in batch]
-        parts = [Rows.from_tensors(m.tensors, row_keys(self.cfg.train.seed, m.sender, m.round, len(m.tensors["act"])))
-                 for m in msgs]
+        parts = [self.party.rows(m.tensors, m.sender, m.round) for m in msgs]
         res = self.party.process(parts, want_grad=self.method.client_trains)
-        for m, grad, loss, valid in zip(msgs, res.grads, res.losses, res.valid_rows):
-            reply = {"meta": {"loss": loss if loss == loss else 0.0, "valid_rows": valid}, "grad": grad,
-                     "dtype": m.tensors["act"].dtype}
+        for m, grad, loss_sum, valid in zip(msgs, res.grads, res.loss_sums, res.valid_rows):
+            reply = {"loss_sum": loss_sum, "valid_rows": valid, "grad": grad,
+                     "dtype": wire.wire_name(m.tensors["act"].dtype)}  # the reply goes back in the request's dtype
             self.rounds.result(m.sender, m.round, reply, time.monotonic())
         self.tally.add(parts, res)
 
@@ -237,7 +234,7 @@ class Server(Worker):
         """All rounds served and every client said BYE: save, combine, answer DONE."""
         if self.done_at is None:
             save_adapters(self.party.adapters(), self.run_dir / SERVER_FILE,
-                               adapter_meta(self.cfg, self.source, self.method))
+                          adapter_meta(self.cfg, self.source, self.method))
             try:
                 written = combine_run(self.run_dir, self.cfg, self.source, self.method)
                 self.log.info("run complete: combined adapter at %s", written[0])
@@ -246,4 +243,4 @@ class Server(Worker):
             mark_run(self.run_dir, complete=True, rounds=self.rounds.total)
             self.done_at = time.monotonic()
         for envelope, seq in self.rounds.byes.values():
-            self.chan.send(self.message(MsgType.DONE, -1, seq), envelope)
+            self.chan.send(wire.done(self.origin, seq), envelope)
