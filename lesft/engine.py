@@ -58,12 +58,6 @@ def sends_reference(method: Method, cfg: Config) -> bool:
     return method.loss == "lesft" and cfg.loss.uses_reference
 
 
-def mean_loss(loss_sum: float, rows: int) -> float:
-    """The mean per-row loss of ``rows`` rows whose losses add up to ``loss_sum``: the one
-    division of a reported loss (0.0 when no row had target tokens)."""
-    return loss_sum / rows if rows else 0.0
-
-
 def set_threads(cfg: Config) -> None:
     """Give torch ``--threads`` CPU threads in this process (0 keeps torch's default)."""
     if cfg.train.threads > 0:
@@ -278,7 +272,7 @@ class ClientParty(_Trainable):
 class ServerResult:
     """One processed microbatch, per part: ``dL/dS`` (or None), the sum of its rows' losses
     and how many of its rows had target tokens (sums and counts: whoever reports a mean
-    divides once, :func:`mean_loss`); ``stats``: per-token means, ``tokens`` and ``rows``."""
+    divides once, :func:`lesft.metrics.mean_loss`); ``stats``: per-token means, ``tokens`` and ``rows``."""
 
     grads: list[torch.Tensor | None]
     loss_sums: list[float]

@@ -172,6 +172,47 @@ def merge_token_means(into: dict, stats: dict) -> None:
     into["tokens"] = total + n
 
 
+def mean_loss(loss_sum: float, rows: int) -> float:
+    """The mean per-row loss of ``rows`` rows whose losses add up to ``loss_sum``: the one
+    division of a reported loss (0.0 when no row had target tokens)."""
+    return loss_sum / rows if rows else 0.0
+
+
+class RoundTally:
+    """The server's sums over one round's microbatches, divided once when the round closes
+    (:func:`mean_loss`): the loss sum and the valid rows, microbatches, padded tokens per
+    path (the paper's communication accounting) and the per-token statistics, weighted by
+    tokens."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {"loss_sum": 0.0, "rows": 0, "microbatches": 0, "act_tokens": 0,
+                                       "ref_tokens": 0}
+        self.stats: dict[str, float] = {}
+
+    def add(self, parts: list, res: Any) -> None:
+        """One microbatch: its ``parts`` (``Rows``, act ``[rows, seq, hidden]``) and what the
+        server computed of them (``ServerResult``)."""
+        s = self.sums
+        s["loss_sum"] += sum(res.loss_sums)
+        s["rows"] += sum(res.valid_rows)
+        s["microbatches"] += 1
+        s["act_tokens"] += sum(p.act.shape[0] * p.act.shape[1] for p in parts)
+        s["ref_tokens"] += sum(p.ref_act.shape[0] * p.ref_act.shape[1] for p in parts if p.ref_act is not None)
+        merge_token_means(self.stats, {k: v for k, v in res.stats.items() if k != "rows"})
+
+    def close(self) -> dict:
+        """The round's record fields (loss: the mean over its valid rows); the next round
+        starts from zero."""
+        s, stats = self.sums, self.stats
+        self._reset()
+        return {"loss": mean_loss(s["loss_sum"], s["rows"]), "rows": s["rows"], "tokens": stats.pop("tokens", 0),
+                "microbatches": s["microbatches"], "act_tokens": s["act_tokens"], "ref_tokens": s["ref_tokens"],
+                **stats}
+
+
 def _check_nbytes(nbytes: int) -> None:
     if nbytes < 0:
         raise ValueError(f"byte count must be >= 0, got {nbytes}")

@@ -18,10 +18,10 @@ from lesft.aggregate import fedavg
 from lesft.config import Config
 from lesft.data import Example, load_examples, partition
 from lesft.data.files import DataFile, client_data_path, load_data_file, local_data_paths
-from lesft.engine import ClientParty, ServerParty, mean_loss
+from lesft.engine import ClientParty, ServerParty
 from lesft.export import final_outputs
 from lesft.methods import Method, get_method
-from lesft.metrics import JsonlWriter, Meter
+from lesft.metrics import JsonlWriter, Meter, mean_loss
 from lesft.models import ModelSource, source_for
 from lesft.runs import RunDirError, mark_run, open_run_dir
 from lesft.schedule import client_sizes, is_aggregation_round, is_step_round, total_rounds

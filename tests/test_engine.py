@@ -14,6 +14,7 @@ from lesft import engine, lora, wire
 from lesft.batching import BASE_FIELDS, FLOAT_FIELDS, REF_FIELDS, Rows
 from lesft.config import build_config
 from lesft.methods import METHODS
+from lesft.metrics import mean_loss
 from lesft.models import resolve
 from lesft.trainer import client_shards
 
@@ -87,7 +88,7 @@ def test_process_reports_loss_sums_and_valid_rows(tmp_path, source):
     assert with_empty.valid_rows == [len(parts[0]), 0] and with_empty.loss_sums[1] == 0.0
     assert with_empty.loss_sums[0] == pytest.approx(together.loss_sums[0], rel=1e-5)
     assert together.stats["rows"] == sum(len(p) for p in parts)
-    assert engine.mean_loss(6.0, 4) == 1.5 and engine.mean_loss(0.0, 0) == 0.0
+    assert mean_loss(6.0, 4) == 1.5 and mean_loss(0.0, 0) == 0.0
 
 
 def test_dropout_keys_are_the_same_on_both_sides(tmp_path, source):

@@ -275,3 +275,20 @@ def test_summarize_run_from_real_meters(tmp_path, clock):
 def test_summarize_run_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         summarize_run(tmp_path / "nope")
+
+
+def test_round_tally_sums_microbatches_and_divides_once():
+    from types import SimpleNamespace as NS
+
+    from lesft.metrics import RoundTally
+
+    tally = RoundTally()
+    part = NS(act=torch.zeros(2, 5, 3), ref_act=torch.zeros(2, 7, 3))
+    tally.add([part], NS(loss_sums=[2.0, 0.0], valid_rows=[2, 0], stats={"tokens": 10, "nll": 1.0, "rows": 4}))
+    tally.add([NS(act=torch.zeros(1, 4, 3), ref_act=None)],
+              NS(loss_sums=[4.0], valid_rows=[1], stats={"tokens": 30, "nll": 3.0, "rows": 1}))
+    rec = tally.close()
+    assert rec == {"loss": (1.0 * 2 + 4.0) / 3, "rows": 3, "tokens": 40, "microbatches": 2, "act_tokens": 14,
+                   "ref_tokens": 14, "nll": 2.5}
+    assert tally.close() == {"loss": 0.0, "rows": 0, "tokens": 0, "microbatches": 0, "act_tokens": 0,
+                             "ref_tokens": 0}

@@ -13,6 +13,7 @@ window ahead of the last aggregated one, so what a peer can make it keep is boun
 
 from __future__ import annotations
 
+import functools
 import time
 
 import zmq
@@ -24,8 +25,11 @@ from lesft.engine import run_fingerprint
 from lesft.lora import adapter_shapes, save_adapters
 from lesft.methods import get_method
 from lesft.models import source_for
+from lesft.rounds import Policy, Rounds, Verdict
 from lesft.split import split_point
-from lesft.runs import GLOBAL_CLIENT_FILE
+from lesft.export import combine_run
+from lesft.runs import GLOBAL_CLIENT_FILE, mark_run
+from lesft.schedule import client_sizes, total_rounds
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers.common import Sessions, Worker, check_fingerprint
 from workers.transport import NOTE_EVERY_S, Channel, Inbound, Oversized, WorkerError, make_socket, recv_bounded
@@ -40,8 +44,9 @@ class Aggregator(Worker):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, -1)
         self.expected = cfg.data.clients
-        self.registered: dict[int, int] = {}  # client id -> n_samples
-        self.uploads: dict[int, dict[int, tuple[dict, int]]] = {}
+        # aggregation rounds are independent: uploads are taken up to two periods past the last outcome
+        self.rounds = Rounds(Policy.from_config(cfg), functools.partial(total_rounds, cfg),
+                             window=2 * cfg.train.aggregate_every, count=self.meter.count)
         # what every upload must hold, from the settings (never learnt from a peer)
         source = source_for(cfg)
         self.fingerprint, self.parts = run_fingerprint(cfg, source)
@@ -49,17 +54,13 @@ class Aggregator(Worker):
         layers = range(split_point(source.n_layers, cfg.model.split_ratio)) if method.split else range(source.n_layers)
         self.knows = wire.Knows(adapters=adapter_shapes(source.config, layers, cfg.lora))
         self.latest: Message | None = None
-        self.byes: set[int] = set()
         self.done_at: float | None = None
         # A live client is heard here only every aggregate_every rounds, so a few heartbeats of
         # silence say nothing: a new session takes an id over only after the old one has been
         # silent for longer than a client waits on any request before it gives up.
         net = cfg.net
         self.sessions = Sessions(takeover_after=max(5 * net.heartbeat_s, net.request_timeout_s * (net.retries + 1)))
-        self.deadlines: dict[int, float] = {}  # round -> when its first upload arrived
-        self.failed: dict[int, str] = {}
         self.split = method.split
-        self._rounds: int | None = None
 
     def run(self) -> int:
         net = self.cfg.net
@@ -87,24 +88,25 @@ class Aggregator(Worker):
                 if xpub in events:
                     self.on_subscriptions(xpub)
                 now = time.monotonic()
-                if len(self.registered) != joined:
-                    joined, last_join = len(self.registered), now
+                if len(self.rounds.sizes) != joined:
+                    joined, last_join = len(self.rounds.sizes), now
                 if joined < self.expected and now - last_note > NOTE_EVERY_S:
                     last_note = now
-                    missing = sorted(set(range(self.expected)) - set(self.registered))
                     self.log.info("waiting for client(s) %s to subscribe (%d/%d; they come once the server has "
                                   "all of them; giving up after %.0f s without one, --register-timeout-s)",
-                                  ", ".join(map(str, missing)), joined, self.expected, net.register_timeout_s)
+                                  ", ".join(map(str, self.rounds.unregistered())), joined, self.expected,
+                                  net.register_timeout_s)
                 if joined < self.expected and now - last_join > net.register_timeout_s:
-                    missing = sorted(set(range(self.expected)) - set(self.registered))
-                    raise WorkerError(f"client(s) {', '.join(map(str, missing))} did not subscribe within "
-                                      f"{net.register_timeout_s:.0f} s (--register-timeout-s; {joined}/{self.expected}"
-                                      f" subscribed): start them with the same --run-id and --aggregator-* addresses")
-                self.check_stragglers(now)
+                    raise WorkerError(f"client(s) {', '.join(map(str, self.rounds.unregistered()))} did not subscribe "
+                                      f"within {net.register_timeout_s:.0f} s (--register-timeout-s; {joined}/"
+                                      f"{self.expected} subscribed): start them with the same --run-id and "
+                                      "--aggregator-* addresses")
+                while verdict := self.rounds.verdict(now):
+                    self.close(verdict, now)
                 if now >= next_beat:
                     # fast beats while subscribers are still joining
                     self.pub.send(wire.heartbeat(self.origin))
-                    fast = len(self.registered) < self.expected
+                    fast = not self.rounds.started
                     next_beat = now + (0.1 if fast else net.heartbeat_s)
                 if self.done_at is not None and now - self.done_at > net.done_linger_s:
                     break
@@ -138,12 +140,6 @@ class Aggregator(Worker):
             else:
                 self.meter.count("rejected.subscription")
 
-    def window_end(self) -> int:
-        """The last round an upload may be for: two aggregation periods past the last round
-        aggregated (or failed), so a peer cannot make the aggregator keep far-future rounds."""
-        base = max(self.latest.round if self.latest is not None else -1, max(self.failed, default=-1))
-        return base + 2 * self.cfg.train.aggregate_every
-
     def ack(self, inbound: Inbound, msg: Message, **meta) -> None:
         self.router.send(wire.ack(self.origin, msg.round, msg.seq, **meta), inbound.envelope)
 
@@ -153,32 +149,21 @@ class Aggregator(Worker):
             raise WireError(ErrorCode.UNKNOWN_CLIENT, f"client id {cid} is outside 0..{self.expected - 1}")
         check_fingerprint(msg, self.fingerprint, self.parts)
         self.sessions.register(cid, msg.meta.get("session"), self.log)
-        if cid not in self.registered:
+        joined = self.rounds.register(cid, msg.meta["n_samples"], msg.seq, inbound.envelope, time.monotonic())
+        if joined.new:
             self.log.info("client %d subscribed (%d samples, %d/%d)", cid, msg.meta["n_samples"],
-                          len(self.registered) + 1, self.expected)
-        self.registered[cid] = msg.meta["n_samples"]
-        rounds = self.rounds()
+                          len(self.rounds.sizes), self.expected)
+        rounds = self.rounds.total
+        if joined.started:
+            self.record("clients", rounds=rounds, **client_sizes(self.rounds.sizes, self.cfg.train.batch_size, rounds))
         if rounds is None and not self.split:
             # without a server the clients learn the rounds here, once every size is known
             # (answered directly: a client waiting for the others is not a rejected message)
-            missing = self.expected - len(self.registered)
+            missing = self.expected - len(self.rounds.sizes)
             self.router.send(wire.error(self.origin, ErrorCode.NOT_READY, f"waiting for {missing} more client(s)",
                                         msg.round, msg.seq), inbound.envelope)
             return
         self.ack(inbound, msg, rounds=rounds)
-
-    def rounds(self) -> int | None:
-        """Rounds of the run once every client has registered: ``--rounds``, else ``--epochs`` x the
-        longest client epoch (what the server decides from its own registrations)."""
-        if len(self.registered) < self.expected:
-            return None
-        if self._rounds is None:
-            from lesft.schedule import client_sizes, total_rounds
-
-            b = self.cfg.train.batch_size
-            self._rounds = total_rounds(self.cfg, list(self.registered.values()), b)
-            self.record("clients", rounds=self._rounds, **client_sizes(self.registered, b, self._rounds))
-        return self._rounds
 
     def on_heartbeat(self, inbound: Inbound, msg: Message) -> None:
         # the aggregator answers every request at once, so a waiting client lost it: resend
@@ -186,53 +171,33 @@ class Aggregator(Worker):
 
     def refuse_early(self, msg: Message) -> None:
         """An upload too far ahead is refused from its header, before its tensors are decoded."""
-        if msg.type == MsgType.UPLOAD and msg.round > self.window_end():
-            raise WireError(ErrorCode.NOT_READY, f"round {msg.round} is too far ahead: uploads are taken up to "
-                                                 f"round {self.window_end()} now")
+        if msg.type == MsgType.UPLOAD:
+            self.rounds.check_window(msg.round)
 
     def on_upload(self, inbound: Inbound, msg: Message) -> None:
-        if self.latest is not None and msg.round <= self.latest.round:
-            # already aggregated (a retried upload): the answer is the broadcast
+        upload = ({k: v.clone() for k, v in msg.tensors.items()}, msg.meta["n_samples"])
+        if self.rounds.result(msg.sender, msg.round, upload, time.monotonic()):
+            self.ack(inbound, msg)
+        else:  # already aggregated (a retried upload): the answer is the broadcast
             self.ack(inbound, msg, aggregated=True)
-            return
-        if msg.round in self.failed:
-            raise WireError(ErrorCode.STALE_ROUND, self.failed[msg.round])
-        bucket = self.uploads.setdefault(msg.round, {})
-        self.deadlines.setdefault(msg.round, time.monotonic())
-        bucket[msg.sender] = ({k: v.clone() for k, v in msg.tensors.items()}, msg.meta["n_samples"])
-        self.ack(inbound, msg)
-        if set(bucket) >= set(self.registered) and len(bucket) >= self.expected:
-            self.aggregate(msg.round)
 
-    def check_stragglers(self, now: float) -> None:
-        """With --straggler-timeout: average the uploads present (reweighted over them) once
-        the round has waited long enough; with fewer than --min-clients, fail the round."""
-        timeout = self.cfg.net.straggler_timeout_s
-        if not timeout:
-            return
-        need = self.cfg.net.min_clients or self.expected
-        for r, started in list(self.deadlines.items()):
-            bucket = self.uploads.get(r, {})
-            waited = now - started
-            if waited < timeout or not bucket:
-                continue
-            if len(bucket) >= need:
-                missing = sorted(set(self.registered) - set(bucket))
-                self.log.warning("round %d: averaging %d clients without %s (nothing within %.0fs)", r,
-                                 len(bucket), missing, waited)
-                self.meter.count("stragglers_dropped", len(missing))
-                self.aggregate(r)
-            elif waited > 3 * timeout:
-                self.failed[r] = (f"aggregation of round {r} failed: {len(bucket)} of the required {need} clients "
-                                  f"uploaded within {waited:.0f}s (--min-clients {need})")
-                self.log.error(self.failed[r])
-                self.meter.count("failed_rounds")
-                self.uploads.pop(r, None)
-                self.deadlines.pop(r, None)
+    def close(self, verdict: Verdict, now: float) -> None:
+        """Average a round's uploads (reweighted over those present when it closes without
+        stragglers), or fail it with one line: it had fewer than --min-clients in time."""
+        r, bucket, need = verdict.round, verdict.results, self.rounds.policy.need
+        note = ""
+        if not verdict.accepted:
+            note = (f"aggregation of round {r} failed: {len(bucket)} of the required {need} clients uploaded within "
+                    f"{verdict.waited:.0f}s (--min-clients {need})")
+            self.log.error(note)
+        elif verdict.failures:
+            self.log.warning("round %d: averaging %d clients without %s (nothing within %.0fs)", r, len(bucket),
+                             list(verdict.failures), verdict.waited)
+        self.rounds.close(verdict, now, note)
+        if verdict.accepted:
+            self.aggregate(r, bucket)
 
-    def aggregate(self, r: int) -> None:
-        self.deadlines.pop(r, None)
-        bucket = self.uploads.pop(r)
+    def aggregate(self, r: int, bucket: dict[int, tuple[dict, int]]) -> None:
         with self.meter.phase("aggregate"):
             avg = fedavg([bucket[cid] for cid in sorted(bucket)])
         save_adapters(avg, self.run_dir / GLOBAL_CLIENT_FILE, {"round": r})
@@ -245,27 +210,21 @@ class Aggregator(Worker):
         self.log.info("round %d: averaged %d clients and broadcast", r, len(bucket))
 
     def on_fetch(self, inbound: Inbound, msg: Message) -> None:
-        if msg.round in self.failed:
-            raise WireError(ErrorCode.STALE_ROUND, self.failed[msg.round])
-        if self.latest is None or self.latest.round < msg.round:
-            raise WireError(ErrorCode.NOT_READY, f"no global adapters for round {msg.round} yet")
+        self.rounds.check_outcome(msg.round)
         latest = self.latest
         self.router.send(wire.adapters(self.origin, msg.round, msg.seq, latest.tensors, clients=latest.meta["clients"],
                                        n_samples=latest.meta["n_samples"], of_round=latest.round), inbound.envelope)
 
     def on_bye(self, inbound: Inbound, msg: Message) -> None:
-        self.byes.add(msg.sender)
+        complete = self.rounds.bye(msg.sender, msg.seq, inbound.envelope)
         self.ack(inbound, msg)
-        if len(self.byes) >= self.expected and self.done_at is None:
+        if complete and self.done_at is None:
             self.log.info("all clients done")
             self.done_at = time.monotonic()
             self.combine_if_alone()
 
     def combine_if_alone(self) -> None:
         """Without a server (fedavg) the aggregator holds the whole run: write ``adapter/``."""
-        from lesft.export import combine_run
-        from lesft.runs import mark_run
-
         method = get_method(self.cfg.train.method)
         if not method.split and (self.run_dir / GLOBAL_CLIENT_FILE).is_file():
             written = combine_run(self.run_dir, self.cfg, source_for(self.cfg), method)

@@ -15,9 +15,10 @@ import zmq
 
 from lesft import checkpoint, wire
 from lesft.config import Config
-from lesft.engine import ClientParty, mean_loss, run_fingerprint
+from lesft.engine import ClientParty, run_fingerprint
 from lesft.export import adapter_meta
 from lesft.methods import get_method
+from lesft.metrics import mean_loss
 from lesft.models import source_for
 from lesft.runs import client_file
 from lesft.schedule import client_epochs, is_aggregation_round, is_step_round

@@ -13,12 +13,24 @@ import logging
 import time
 from typing import Callable
 
+import zmq
+
 from lesft import wire
 from lesft.config import Config
+from lesft.rounds import Refused
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers import security
 from workers.process import Process
 from workers.transport import Channel, Inbound, give_back_memory
+
+
+def as_wire_error(e: WireError | Refused) -> WireError:
+    """A refusal of the round engine (:mod:`lesft.rounds`) as the wire error the peer gets."""
+    if isinstance(e, WireError):
+        return e
+    err = WireError(ErrorCode(e.code), e.text)
+    err.meta = dict(e.meta)
+    return err
 
 
 def reply_error(chan: Channel, inbound: Inbound, err: WireError, origin: wire.Origin, log: logging.Logger) -> None:
@@ -34,7 +46,6 @@ def reply_error(chan: Channel, inbound: Inbound, err: WireError, origin: wire.Or
             chan.send(reply, inbound.envelope)
         except zmq.ZMQError:
             pass
-
 
 
 def check_fingerprint(msg: Message, fingerprint: str, parts: dict) -> None:
@@ -114,12 +125,16 @@ class Worker(Process):
             # a heartbeat from an unknown client is answered "have: false" (it then sends HELLO again)
             if msg.type != MsgType.HELLO and not (msg.type == MsgType.HEARTBEAT and msg.sender not in sessions.owner):
                 sessions.check(msg)
-            self.refuse_early(msg)
+            try:
+                self.refuse_early(msg)
+            except Refused as e:  # the channel may run this, and it knows only wire errors
+                raise as_wire_error(e) from None
 
         return admit
 
     def refuse_early(self, msg: Message) -> None:
-        """A role's own refusals that need only the header (raise `WireError`), run at admission."""
+        """A role's own refusals that need only the header (raise `WireError` or a round
+        engine's `Refused`), run at admission."""
 
     def serve(self, chan: Channel, inbound: Inbound, handlers: dict, sessions: Sessions) -> None:
         """Hand one received message to its handler once it passed :meth:`admission` (run here
@@ -135,9 +150,10 @@ class Worker(Process):
                 self.admission(handlers, sessions)(inbound.envelope, msg)
             wire.check(msg, self.knows)
             handlers[msg.type](inbound, msg)
-        except WireError as e:
-            self.meter.count(f"rejected.{e.code.value}")
-            reply_error(chan, inbound, e, self.origin, self.log)
+        except (WireError, Refused) as e:
+            err = as_wire_error(e)
+            self.meter.count(f"rejected.{err.code.value}")
+            reply_error(chan, inbound, err, self.origin, self.log)
         except Exception as e:  # noqa: BLE001 - one bad message must never take a worker down
             self.log.exception("internal error on %s from %s-%s", msg.type.value, msg.role, msg.sender)
             self.meter.count("rejected.internal")

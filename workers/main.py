@@ -57,7 +57,8 @@ def worker(role: str = typer.Option(..., "--role", help="broker | server | aggre
             code = Broker(cfg).run()
         elif role == "server":
             from lesft.methods import get_method
-            from workers.server import CentralizedServer, Server
+            from workers.centralized import CentralizedServer
+            from workers.server import Server
 
             server = CentralizedServer(cfg) if get_method(cfg.train.method).centralized else Server(cfg, resume=resume)
             code = server.run()
