@@ -71,6 +71,9 @@ def render(out_dir: Path, rows: Sequence[Mapping], stats_by_dataset: Mapping[str
         f"Accuracy is the mean over seeds with a bootstrap 95% interval over (seed, question) pairs; "
         f"\"vs {baseline}\" is the paired difference (same seed, same question) with its paired-bootstrap "
         "95% interval, in percentage points. \"above\"/\"below\" means the whole interval lies on that side of 0.",
+        "\"train tokens\" (target tokens trained on, all parties and epochs) is the compute every method gets; "
+        "\"train s\" is the cell's wall time on the machine as it was then (cells that ran beside other work "
+        "took longer), so it is not a cost comparison.",
         "",
     ]
     for dataset, stats in stats_by_dataset.items():
