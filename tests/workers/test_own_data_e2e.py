@@ -38,7 +38,7 @@ from workers.launch import Proc
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PROMPT_COMPLETION = [
     {"prompt": "Maya has 14 marbles and wins 9 more at recess.", "completion": " Adding them, 14+9=23. The answer is 23."},
@@ -94,7 +94,7 @@ def own_runs(tmp_path_factory, e2e_cfg):
             run.start(role, wid)
         for i, path in enumerate(files):
             log = run.log_dir / f"client-{i}.log"
-            cmd = [sys.executable, str(ROOT / "tests" / "capture_frames.py"), str(root / f"frames-{i}.bin"), "--",
+            cmd = [sys.executable, str(ROOT / "tests" / "workers" / "capture_frames.py"), str(root / f"frames-{i}.bin"), "--",
                    "--role", "client", "--id", str(i), "--config", str(run.cfg_path), "--threads", "1",
                    "--data", str(path)]
             with open(log, "ab") as fh:

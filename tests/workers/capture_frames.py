@@ -1,6 +1,6 @@
-"""``python tests/capture_frames.py OUT -- <lesft-worker args>``: run one worker with every
+"""``python tests/workers/capture_frames.py OUT -- <lesft-worker args>``: run one worker with every
 ZeroMQ frame it sends appended to OUT (4-byte big-endian length, then the bytes), for the
-test that a client's data never leaves it (tests/test_own_data_e2e.py)."""
+test that a client's data never leaves it (tests/workers/test_own_data_e2e.py)."""
 from __future__ import annotations
 
 import struct

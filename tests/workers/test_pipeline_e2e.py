@@ -42,7 +42,7 @@ from workers.launch import launch, local_addresses, worker_env
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MODEL = "arch:tiny-qwen2"
 CLIENTS = 4
