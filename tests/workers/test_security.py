@@ -418,23 +418,22 @@ def test_squat_and_takeover_of_a_client_id(tmp_path, keys, curve_on):
     def hello(session: str) -> Message:
         return Message(MsgType.HELLO, "client", 0, "x", -1, 1, {"client_id": 0, "session": session})
 
+    def refused(msg: Message) -> None:
+        with pytest.raises(WireError) as e:
+            admit(stamped, msg)
+        assert e.value.code == ErrorCode.UNAUTHORISED
+
     squat = hello("a" * 32)
     if curve_on:
-        with pytest.raises(WireError) as e:
-            admit(stamped, squat)
-        assert e.value.code == ErrorCode.UNAUTHORISED
+        refused(squat)
     else:
         admit(stamped, squat)  # plaintext: the stamp is not checked, the first HELLO may register
     sessions.register(0, "b" * 32)  # the real client 0 registers, then falls silent
     time.sleep(0.3)
     takeover = hello("c" * 32)
     if curve_on:
-        with pytest.raises(WireError) as e:
-            admit(stamped, takeover)
-        assert e.value.code == ErrorCode.UNAUTHORISED
+        refused(takeover)
     else:
         admit(stamped, takeover)
         sessions.register(0, "c" * 32)  # silent past the window: the new session takes the id
-        with pytest.raises(WireError) as e:  # and the old one can no longer speak for it
-            admit(stamped, Message(MsgType.FORWARD, "client", 0, "x", 0, 2, {"session": "b" * 32}))
-        assert e.value.code == ErrorCode.UNAUTHORISED
+        refused(Message(MsgType.FORWARD, "client", 0, "x", 0, 2, {"session": "b" * 32}))  # the old session can no longer speak for it
