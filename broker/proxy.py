@@ -19,16 +19,29 @@ With CurveZMQ (``--keys-dir``) it is also where a client's identity is fixed: th
 User-Id of a frontend message (``client-<i>``, from the key that sent it) goes to the
 server as one envelope frame ``lesft-user:client-<i>`` (any frame of that prefix a
 client put there is dropped first), and that frame is removed from replies.
+
+The edge-link emulator (``--link-up 4mbit --link-down 20mbit --link-latency-ms 50``, for
+benchmarks and tests; off by default) gives every client one bottleneck link per direction
+(:mod:`lesft.link`): a message waits in the broker until its link has carried it, then
+leaves. A message counts as its body bytes (header frame + tensor frames: what the
+client's meter counts), not the routing envelope nor ZMTP framing; with CurveZMQ these are
+the plaintext lengths (encryption adds a few bytes a frame). The loop polls until the next
+message is due, so waiting costs no CPU and never holds up other traffic. Each shaped
+message is one ``link`` line of the broker's metrics file (type, client, round, bytes,
+arrival and departure on the machine's monotonic clock) for ``lesft bench link``. The
+aggregator's traffic (uploads, the broadcast) does not pass the broker and is not shaped.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import zmq
 
 from lesft import wire
 from lesft.config import Config
+from lesft.link import Shaper
 from workers.frames import frame_user_id
 from workers.process import Process
 from workers.transport import (ENVELOPE_FRAMES, SERVER_ROUTING_ID, Oversized, frames_bytes, make_socket,
@@ -52,15 +65,20 @@ class Broker(Process):
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)
-        self.log.info("broker up: clients -> %s, server -> %s", net.broker_frontend, net.broker_backend)
+        up, down = net.link_rates
+        self.shaper = Shaper(up, down, net.link_latency_ms / 1000)
+        self.log.info("broker up: clients -> %s, server -> %s%s", net.broker_frontend, net.broker_backend,
+                      f" (emulated link: up {net.link_up or 'unshaped'}, down {net.link_down or 'unshaped'}, "
+                      f"{net.link_latency_ms:g} ms one way)" if self.shaper.active else "")
         last = time.monotonic()
         try:
             while not self.stop.is_set():
-                events = dict(poller.poll(100))
+                events = dict(poller.poll(self._poll_ms()))
                 if front in events:
                     self._forward(front, back, "to_server")
                 if back in events:
                     self._forward(back, front, "to_clients")
+                self._release()
                 if time.monotonic() - last > 30:
                     self.record("traffic", **self.meter.snapshot())
                     last = time.monotonic()
@@ -85,12 +103,48 @@ class Broker(Process):
             frames = self._identify(frames) if direction == "to_server" else self._from_server(frames)
             if frames is None:
                 self.meter.count(f"dropped.{direction}")
-                continue
-            try:
-                dst.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                self.meter.sent(direction, n)
-            except (zmq.Again, zmq.ZMQError):  # no server connected yet / peer gone: the client will retry
-                self.meter.count(f"dropped.{direction}")
+            elif self.shaper.active:
+                self._shape(dst, frames, direction, n)
+            else:
+                self._send(dst, frames, direction, n)
+
+    def _send(self, dst: zmq.Socket, frames: list, direction: str, n: int) -> None:
+        try:
+            dst.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            self.meter.sent(direction, n)
+        except (zmq.Again, zmq.ZMQError):  # no server connected yet / peer gone: the client will retry
+            self.meter.count(f"dropped.{direction}")
+
+    def _shape(self, dst: zmq.Socket, frames: list, direction: str, n: int) -> None:
+        """Put a message on its client's link; :meth:`_release` sends it when it is due."""
+        up = direction == "to_server"
+        client = frames[1] if up else frames[0]  # the client's routing id, after / before the server's
+        try:
+            envelope, body = wire.split_envelope(frames)
+        except wire.WireError:  # not a routed message: the server drops it; it still crosses the link
+            envelope, body = [], frames
+        nbytes = frames_bytes(body)
+        now = time.perf_counter()
+        trace = {"event": "link", "dir": "up" if up else "down", "bytes": nbytes, "in": round(now, 6)}
+        try:
+            trace["type"], trace["sender"], trace["round"] = wire.peek(body)
+        except wire.WireError:
+            pass
+        due = self.shaper.push(trace["dir"], bytes(client), nbytes, (dst, frames, direction, n, trace), now)
+        trace["out"] = round(due, 6)
+
+    def _release(self) -> None:
+        """Send every shaped message that is due, and note it in the metrics file."""
+        for dst, frames, direction, n, trace in self.shaper.pop_due(time.perf_counter()):
+            self._send(dst, frames, direction, n)
+            self.metrics.write(trace)
+
+    def _poll_ms(self) -> int:
+        """Poll until the next shaped message is due (at most 100 ms: the stop flag is checked)."""
+        due = self.shaper.next_due()
+        if due is None:
+            return 100
+        return max(0, min(100, math.ceil((due - time.perf_counter()) * 1000)))
 
     def _from_server(self, frames: list) -> list | None:
         """A backend message goes to a client only when the server sent it (its routing id)."""

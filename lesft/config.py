@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from lesft.atomic import atomic_write
 from lesft.errors import ConfigError
+from lesft.link import parse_rate
 from lesft.methods import METHODS
 
 
@@ -202,6 +203,7 @@ class TrainConfig:
     client_device: str = field(default="cpu", metadata={"help": "client device: cpu|cuda|auto"})
     autocast_bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads of this process (0: torch's default)"})
+    pipeline_depth: int = field(default=1, metadata={"help": "rounds a client keeps in flight inside an accumulation window (1 = lock-step); results are identical at every depth"})
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, tuple(METHODS))
@@ -213,6 +215,7 @@ class TrainConfig:
         _positive("weight_decay", self.weight_decay, zero_ok=True)
         for name in ("batch_size", "grad_accum", "epochs", "aggregate_every"):
             _positive(name, getattr(self, name))
+        _positive("pipeline_depth", self.pipeline_depth)
         _positive("rounds", self.rounds, zero_ok=True)
         _positive("threads", self.threads, zero_ok=True)
         if self.aggregate_every % self.grad_accum:
@@ -242,6 +245,9 @@ class NetConfig:
     keys_dir: str = field(default="", metadata={"help": "CurveZMQ keys folder (lesft keys generate); empty: plaintext"})
     insecure: bool = field(default=False, metadata={"help": "allow plaintext TCP to a non-loopback address"})
     done_linger_s: float = field(default=5.0, metadata={"help": "how long server/aggregator stay up after the run ends"})
+    link_up: str = field(default="", metadata={"help": "edge-link emulator in the broker: each client's uplink rate, e.g. 4mbit (empty: unshaped; for benchmarks and tests)"})
+    link_down: str = field(default="", metadata={"help": "edge-link emulator: each client's downlink rate, e.g. 20mbit (empty: unshaped)"})
+    link_latency_ms: float = field(default=0.0, metadata={"help": "edge-link emulator: one-way latency added to every client<->server message, each direction"})
 
     def __post_init__(self) -> None:
         from lesft.wire import WIRE_DTYPES  # imports torch: only once a config is checked
@@ -256,6 +262,17 @@ class NetConfig:
         _positive("straggler_timeout_s", self.straggler_timeout_s, zero_ok=True)
         _positive("min_clients", self.min_clients, zero_ok=True)
         _positive("checkpoint_every", self.checkpoint_every, zero_ok=True)
+        _positive("link_latency_ms", self.link_latency_ms, zero_ok=True)
+        for name in ("link_up", "link_down"):
+            try:
+                parse_rate(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}.") from None
+
+    @property
+    def link_rates(self) -> tuple[float | None, float | None]:
+        """(up, down) in bit/s of the edge-link emulator; None: that direction is unshaped."""
+        return parse_rate(self.link_up), parse_rate(self.link_down)
 
 
 @dataclass

@@ -29,6 +29,9 @@ MAX_MEMORY_SAMPLES = 10_000
 _WORKER_FILE = re.compile(r"(?P<role>.+)-(?P<id>\d+)\.jsonl")
 
 
+MAX_SPANS = 4096  # phases kept between two records: a bound, not a budget (a round has a handful)
+
+
 class Meter:
     """Counts per party: bytes sent/received per message type, message counts, compute
     seconds per phase (forward, backward, loss, optimizer, ...), wall seconds since
@@ -51,6 +54,7 @@ class Meter:
         self._samples: list[tuple[float, float]] = []
         self._sample_stride = 1  # keep every stride-th sample once the list has been thinned
         self._samples_seen = 0
+        self.spans: list[tuple[str, float, float]] | None = None  # kept phases (see take_spans); None: off
 
     @property
     def name(self) -> str:
@@ -95,8 +99,22 @@ class Meter:
         finally:
             if sync:
                 _cuda_synchronize()
-            self.compute_s[name] += time.perf_counter() - start
+            end = time.perf_counter()
+            self.compute_s[name] += end - start
             self.compute_n[name] += 1
+            if self.spans is not None and len(self.spans) < MAX_SPANS:
+                self.spans.append((name, start, end))
+
+    def take_spans(self) -> list[list]:
+        """The phases timed since the last call, as ``[name, start, end]`` in
+        ``time.perf_counter()`` seconds (the machine's monotonic clock, shared by every process
+        on it, so a benchmark can lay the roles of a run on one timeline); then forgets them.
+        Kept only once ``spans`` is a list (the workers set it; :class:`Process` drains it into
+        each metrics record)."""
+        if not self.spans:
+            return []
+        out, self.spans = [[n, round(a, 6), round(b, 6)] for n, a, b in self.spans], []
+        return out
 
     def current_rss_mb(self) -> float:
         """Resident set size of this process now, in MiB (psutil)."""

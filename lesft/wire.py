@@ -424,6 +424,22 @@ def split_envelope(frames: list) -> tuple[list, list]:
     raise _fail(ErrorCode.BAD_FRAMES, "no empty delimiter frame: not a routed message")
 
 
+def peek(body: Sequence) -> tuple[str, int, int]:
+    """(type, sender id, round) of a message body, from its header alone, checked as
+    :func:`decode` checks a header (``WireError`` otherwise): what the broker's link trace
+    notes about a message it forwards without decoding any tensor."""
+    if not body:
+        raise _fail(ErrorCode.BAD_FRAMES, "empty message: no header frame")
+    try:
+        raw = memoryview(getattr(body[0], "buffer", body[0])).cast("B")
+    except (TypeError, ValueError) as e:
+        raise _fail(ErrorCode.BAD_FRAMES, f"the header frame is not a contiguous buffer: {e}") from e
+    limits = Limits()
+    h = _unpack_header(raw, limits)
+    _check_header(h, limits)
+    return h["t"], h["id"], h["r"]
+
+
 # ------------------------------------------------------------------------- constructors
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class Process:
         self.run_dir = run_dir_for(cfg)
         self.run_id = cfg.run.run_id or "default"
         self.meter = Meter(self.role, max(worker_id, 0), cfg.train.device if self.role == "server" else "cpu")
+        self.meter.spans = []  # each record carries the phases since the last one (benchmark timelines)
         self.metrics = JsonlWriter(self.run_dir / f"{self.role}-{max(worker_id, 0)}.jsonl")
         if self.role == "server" or not (self.run_dir / "config.json").exists():
             cfg.save(self.run_dir / "config.json")
@@ -106,7 +107,10 @@ class Process:
         totals = {"total_sent": sum(m.bytes_sent.values()), "total_received": sum(m.bytes_received.values()),
                   "sent_by_type": dict(m.bytes_sent), "received_by_type": dict(m.bytes_received),
                   "compute_total_s": sum(v for k, v in m.compute_s.items() if k != "checkpoint"), "t": m.wall_s(),
-                  "rss_mb": round(m.current_rss_mb(), 1)}
+                  "rss_mb": round(m.current_rss_mb(), 1), "clock": round(time.perf_counter(), 6)}
+        spans = m.take_spans()
+        if spans:
+            totals["spans"] = spans
         self.metrics.write({"event": event, **totals, **fields})
 
     def finish(self, **fields) -> None:
