@@ -408,3 +408,13 @@ def random_note(cfg) -> list[str]:
     """The warning every output of a run on random weights (``--model arch:...``) carries."""
     return ["model with RANDOM WEIGHTS (architecture preset): speed and memory only"] \
         if cfg.model.model.startswith("arch:") else []
+
+
+def link_note(cfg) -> list[str]:
+    """The line every output of a run through the broker's edge-link emulator carries
+    (nothing when the link is not shaped)."""
+    net = cfg.net
+    if not (net.link_up or net.link_down or net.link_latency_ms):
+        return []
+    return [f"emulated edge link per client (broker; client<->server traffic only): up {net.link_up or 'unshaped'}, "
+            f"down {net.link_down or 'unshaped'}, {net.link_latency_ms:g} ms one way"]

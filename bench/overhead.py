@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 
 import typer
 
-from bench.common import (BenchError, Column, bench_command, console, machine_info, machine_line, make_out_dir,
-                          parse_methods, print_table, print_targets, random_note, rich_table, target_note,
-                          write_results)
+from bench.common import (BenchError, Column, bench_command, console, link_note, machine_info, machine_line,
+                          make_out_dir, parse_methods, print_table, print_targets, random_note, rich_table,
+                          target_note, write_results)
 from lesft.config import Config
 from lesft.methods import get_method, table_order
 from lesft.metrics import read_jsonl
@@ -239,10 +239,11 @@ def overhead_command(
     print_table(rich_table(rows, COLUMNS, title=title))
     tg = targets(rows)
     print_targets(tg)
-    notes = random_note(cfg) + [MEM_HELP, "comm client = all clients' bytes sent+received in the epoch (summed), "
-                                "aggregator traffic included; 'of which client<->server' leaves it out; "
-                                "latency = compute seconds of the party in the epoch (mean over clients); "
-                                "fedavg's server columns are the aggregator's", machine_line(info)] + \
+    notes = random_note(cfg) + link_note(cfg) + [
+        MEM_HELP, "comm client = all clients' bytes sent+received in the epoch (summed), "
+        "aggregator traffic included; 'of which client<->server' leaves it out; "
+        "latency = compute seconds of the party in the epoch (mean over clients); "
+        "fedavg's server columns are the aggregator's", machine_line(info)] + \
         [f"target {target_note(t)}" for t in tg]
     write_results(out_dir, "overhead", rows, {"settings": cfg.to_dict(), "warmup": warmup, "targets": tg,
                                               "random_weights": source.random_weights},

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 import typer
 
-from bench.common import (bench_command, console, machine_info, make_out_dir, print_targets, random_note, ratio,
-                          rich_table, write_results)
+from bench.common import (bench_command, console, link_note, machine_info, make_out_dir, print_targets,
+                          random_note, ratio, rich_table, write_results)
 from lesft.config import Config
 from lesft.lora import load_adapters
 from lesft.metrics import read_jsonl
@@ -70,5 +70,5 @@ def pipeline_command(
     target = {"target": "pipeline wall time / in-process <= 1.05", "value": row["ratio"], "met": row["ratio"] <= 1.05}
     print_targets([target])
     write_results(out_dir, "pipeline", [row], {"settings": cfg.to_dict(), "target": target}, cols,
-                  title="pipeline vs in-process", notes=random_note(cfg), machine=machine_info())
+                  title="pipeline vs in-process", notes=random_note(cfg) + link_note(cfg), machine=machine_info())
     console.print(f"results in {out_dir}")

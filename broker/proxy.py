@@ -53,6 +53,8 @@ class Broker(Process):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, -1)
+        self.shaper = Shaper(*cfg.net.link_rates, cfg.net.link_latency_ms / 1000)
+        self.link_peers: dict[bytes, int] = {}  # routing id -> the client id its messages claim (trace only)
 
     def run(self) -> int:
         net = self.cfg.net
@@ -65,8 +67,6 @@ class Broker(Process):
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)
-        up, down = net.link_rates
-        self.shaper = Shaper(up, down, net.link_latency_ms / 1000)
         self.log.info("broker up: clients -> %s, server -> %s%s", net.broker_frontend, net.broker_backend,
                       f" (emulated link: up {net.link_up or 'unshaped'}, down {net.link_down or 'unshaped'}, "
                       f"{net.link_latency_ms:g} ms one way)" if self.shaper.active else "")
@@ -125,12 +125,18 @@ class Broker(Process):
             envelope, body = [], frames
         nbytes = frames_bytes(body)
         now = time.perf_counter()
+        peer = bytes(client)
         trace = {"event": "link", "dir": "up" if up else "down", "bytes": nbytes, "in": round(now, 6)}
         try:
-            trace["type"], trace["sender"], trace["round"] = wire.peek(body)
+            trace["type"], sender, trace["round"] = wire.peek(body)
         except wire.WireError:
-            pass
-        due = self.shaper.push(trace["dir"], bytes(client), nbytes, (dst, frames, direction, n, trace), now)
+            sender = None
+        if up and sender is not None:
+            if len(self.link_peers) >= 4096:  # clients that come and go: forget, relearn from their next message
+                self.link_peers.clear()
+            self.link_peers[peer] = sender
+        trace["client"] = self.link_peers.get(peer)
+        due = self.shaper.push(trace["dir"], peer, nbytes, (dst, frames, direction, n, trace), now)
         trace["out"] = round(due, 6)
 
     def _release(self) -> None:

@@ -17,10 +17,17 @@ def invoke(*args):
     return res
 
 
+def shaped_forwards(run_dir) -> int:
+    """FORWARD messages the run's broker held on its emulated link (0: the link flags never reached it)."""
+    from lesft.metrics import read_jsonl
+
+    return sum(r.get("type") == "forward" for r in read_jsonl(run_dir / "broker-0.jsonl") if r["event"] == "link")
+
+
 @pytest.mark.e2e
 def test_overhead_table_for_lesft_fp32_and_bf16(tmp_path):
     invoke("bench", "overhead", *TINY, "--methods", "lesft", "--wire-dtypes", "fp32,bf16", "--warmup", "1",
-           "--out", str(tmp_path), "--runs-dir", str(tmp_path))
+           "--link-latency-ms", "1", "--out", str(tmp_path), "--runs-dir", str(tmp_path))
     doc = json.loads((tmp_path / "overhead.json").read_text())
     rows = {r["row"]: r for r in doc["rows"]}
     fp32, bf16 = rows["lesft@fp32"], rows["lesft@bf16"]
@@ -35,6 +42,8 @@ def test_overhead_table_for_lesft_fp32_and_bf16(tmp_path):
     # no gradient for the reference path: what comes back is smaller than what goes up
     assert fp32["backward_mb"] < fp32["forward_mb"]
     assert (tmp_path / "overhead.md").is_file() and (tmp_path / "overhead.png").is_file()
+    assert "emulated edge link per client" in (tmp_path / "overhead.md").read_text()
+    assert shaped_forwards(tmp_path / "runs" / "lesft-bf16") >= 2 * 3  # 2 clients x (1 warm-up + 2 rounds)
     names = {t["target"] for t in doc["config"]["targets"]}
     assert any("paper accounting" in n for n in names)
 
@@ -89,11 +98,14 @@ def test_sweep_rejects_unknown_param(tmp_path):
 
 @pytest.mark.e2e
 def test_pipeline_bench_and_summary(tmp_path):
-    invoke("bench", "pipeline", *TINY, "--warmup", "1", "--out", str(tmp_path), "--runs-dir", str(tmp_path))
+    invoke("bench", "pipeline", *TINY, "--warmup", "1", "--link-latency-ms", "1", "--out", str(tmp_path),
+           "--runs-dir", str(tmp_path))
     row = json.loads((tmp_path / "pipeline.json").read_text())["rows"][0]
     assert row["inprocess_epoch_s"] > 0 and row["pipeline_epoch_s"] > 0
     assert row["ratio"] == pytest.approx(row["pipeline_epoch_s"] / row["inprocess_epoch_s"])
     assert row["max_rel_diff_server"] <= 1e-5 and row["max_rel_diff_client"] <= 1e-5
+    assert shaped_forwards(tmp_path / "runs" / "pipeline") >= 2 * 3
+    assert "emulated edge link per client" in (tmp_path / "pipeline.md").read_text()
     res = invoke("summary", "--run", str(tmp_path / "runs" / "pipeline"), "--eval-n", "2", "--max-new-tokens", "3")
     assert "accuracy before" in res.output and "accuracy after" in res.output and "bytes client" in res.output
 
