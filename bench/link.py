@@ -295,5 +295,5 @@ def _report(cfg: Config, rows: list[dict], runs: list, out_dir: Path, warmup: in
         panels = [(f"depth {d} (run {i})", run_dir, *timeline_span(run_dir, c, warmup, timeline_windows))
                   for d, i, run_dir, c, _ in runs]
         plot_timeline(panels, cfg.data.clients, out_dir / "link.png",
-                      f"{title}; {'; '.join(link_note(cfg)) or 'unshaped loopback'}")
+                      f"{title}\n{'; '.join(link_note(cfg)) or 'unshaped loopback'}")
     console.print(f"results in {out_dir}")

@@ -25,11 +25,11 @@ benchmarks and tests; off by default) gives every client one bottleneck link per
 (:mod:`lesft.link`): a message waits in the broker until its link has carried it, then
 leaves. A message counts as its body bytes (header frame + tensor frames: what the
 client's meter counts), not the routing envelope nor ZMTP framing; with CurveZMQ these are
-the plaintext lengths (encryption adds a few bytes a frame). The loop polls until the next
-message is due, so waiting costs no CPU and never holds up other traffic. Each shaped
-message is one ``link`` line of the broker's metrics file (type, client, round, bytes,
-arrival and departure on the machine's monotonic clock) for ``lesft bench link``. The
-aggregator's traffic (uploads, the broadcast) does not pass the broker and is not shaped.
+the plaintext lengths (encryption adds a few tens of bytes a frame). The loop polls until
+the next message is due, so waiting costs no CPU and never holds up other traffic. Each
+shaped message is one ``link`` line of the broker's metrics file (type, client, round,
+bytes, arrival and departure on the machine's monotonic clock) for ``lesft bench link``.
+The aggregator's traffic (uploads, the broadcast) does not pass the broker: not shaped.
 """
 
 from __future__ import annotations
@@ -118,14 +118,13 @@ class Broker(Process):
     def _shape(self, dst: zmq.Socket, frames: list, direction: str, n: int) -> None:
         """Put a message on its client's link; :meth:`_release` sends it when it is due."""
         up = direction == "to_server"
-        client = frames[1] if up else frames[0]  # the client's routing id, after / before the server's
+        peer = bytes(frames[1] if up else frames[0])  # the client's routing id (up: after the server's)
         try:
-            envelope, body = wire.split_envelope(frames)
+            body = wire.split_envelope(frames)[1]
         except wire.WireError:  # not a routed message: the server drops it; it still crosses the link
-            envelope, body = [], frames
+            body = frames
         nbytes = frames_bytes(body)
         now = time.perf_counter()
-        peer = bytes(client)
         trace = {"event": "link", "dir": "up" if up else "down", "bytes": nbytes, "in": round(now, 6)}
         try:
             trace["type"], sender, trace["round"] = wire.peek(body)

@@ -81,6 +81,21 @@ def test_phase_timing_accumulates_with_fake_clock(clock):
     assert snap["wall_s"] == pytest.approx(3.75)
 
 
+def test_phase_spans_are_kept_only_when_asked_and_taken_once(clock):
+    meter = Meter("client", 0)
+    with meter.phase("forward"):
+        clock.advance(0.25)
+    assert meter.take_spans() == []  # off by default: the in-process trainer keeps none
+    meter.spans = []
+    with meter.phase("forward"):
+        clock.advance(0.25)
+    clock.advance(1.0)
+    with meter.phase("backward"):
+        clock.advance(0.5)
+    assert meter.take_spans() == [["forward", 100.25, 100.5], ["backward", 101.5, 102.0]]
+    assert meter.take_spans() == []
+
+
 def test_phase_counts_time_when_the_body_raises(clock):
     meter = Meter("server", 0)
     with pytest.raises(RuntimeError):

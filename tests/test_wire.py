@@ -717,3 +717,13 @@ def test_stamps_are_replaced_and_read():
     assert wire.stamped_user(stamped[:3], 0) == "client-0"
     assert wire.strip_stamps(stamped, 1) == [rid, b"", b"header"]
     rejects(ErrorCode.UNAUTHORISED, wire.stamped_user, [rid, b""], 0)
+
+
+def test_peek_reads_type_sender_and_round_from_the_header_alone():
+    frames = wire.encode(wire.heartbeat(CLIENT, 6, 9))
+    assert wire.peek(frames) == ("heartbeat", 3, 6)
+    with pytest.raises(WireError) as e:
+        wire.peek([b"\xc1not msgpack"])
+    assert e.value.code == ErrorCode.BAD_HEADER
+    with pytest.raises(WireError):
+        wire.peek([])
