@@ -87,3 +87,23 @@ def test_broker_link_delays_each_message_by_size_over_rate_plus_latency_and_keep
     assert [(r["dir"], r["bytes"]) for r in measured] == [("up", UP_BYTES)] * N + [("down", DOWN_BYTES)] * N
     assert all(r["out"] - r["in"] >= r["bytes"] * 8 / (UP_BIT_S if r["dir"] == "up" else DOWN_BIT_S) + LATENCY_S
                - 1e-6 for r in measured)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_curve_run_through_the_emulated_link_trains_the_reference_adapters(tmp_path, e2e_cfg, reference_adapters):
+    """CurveZMQ on and the link shaped: the broker shapes the plaintext lengths of every
+    FORWARD and BACKWARD, and the result is the in-process trainer's, bit for bit."""
+    from conftest import assert_same_adapters
+    from lesft.cli.keys import generate_keys
+    from workers.launch import launch
+
+    generate_keys(tmp_path / "keys", 2)
+    cfg = e2e_cfg(tmp_path, rounds=4, keys_dir=str(tmp_path / "keys"), link_up="4mbit", link_down="20mbit",
+                  link_latency_ms=20)
+    launch(cfg, timeout_s=300)
+    run_dir = tmp_path / "runs" / "e2e"
+    assert_same_adapters(run_dir, 2, reference_adapters(cfg))
+    trace = [r for r in read_jsonl(run_dir / "broker-0.jsonl") if r["event"] == "link"]
+    shaped = sorted((r["dir"], r["client"], r["round"]) for r in trace if r.get("type") in ("forward", "backward"))
+    assert shaped == sorted((d, c, r) for d in ("down", "up") for c in (0, 1) for r in range(4))
