@@ -36,7 +36,7 @@ from bench.common import (BenchError, Column, bench_command, console, link_note,
                           print_table, print_targets, random_note, ratio, rich_table, target_note, write_results)
 from lesft.config import Config, leaf_fields
 from lesft.lora import load_adapters
-from lesft.methods import get_method
+from lesft.methods import METHODS, get_method
 from lesft.metrics import read_jsonl
 from lesft.schedule import is_step_round, rounds_per_epoch
 from workers.launch import launch
@@ -62,8 +62,14 @@ def parse_depths(spec: str) -> list[int]:
 # --------------------------------------------------------------------------- one run
 
 
-def _rounds(path: Path) -> dict[int, dict]:
-    return {r["round"]: r for r in read_jsonl(path) if r.get("event") == "round"}
+def _rounds(path: Path, total: int) -> dict[int, dict]:
+    """A worker's round records by round; every round of the run must be there."""
+    got = {r["round"]: r for r in read_jsonl(path) if r.get("event") == "round"}
+    missing = sorted(set(range(total)) - set(got))
+    if missing:
+        raise BenchError(f"{path} has no record of round(s) {missing[:5]}: that worker did not finish its run "
+                         f"(see {path.parent / 'logs'}).")
+    return got
 
 
 def windows(first: int, total: int, grad_accum: int) -> list[range]:
@@ -81,34 +87,36 @@ def _split_bytes(rec: dict, key: str) -> int:
     return sum(v for k, v in rec.get(key, {}).items() if not k.startswith("agg."))
 
 
-def _delta(a: dict, b: dict, key: str) -> float:
-    return b[key] - a[key]
+def window_costs(server: dict, clients: list[dict], w: range, cfg: Config) -> dict:
+    """Seconds and bytes of accumulation window ``w`` from the records closing it and the
+    window before: the server's compute, the slowest client's compute and link time, both
+    directions' bytes, and the window's overlap bound (their max)."""
+    a, b = w.start - 1, w.stop - 1
+    up_rate, down_rate = cfg.net.link_rates
+    latency = 2 * cfg.net.link_latency_ms / 1000
+    ups = [_split_bytes(c[b], "sent_by_type") - _split_bytes(c[a], "sent_by_type") for c in clients]
+    downs = [_split_bytes(c[b], "received_by_type") - _split_bytes(c[a], "received_by_type") for c in clients]
+    link = max(max(u * 8 / up_rate if up_rate else 0.0, d * 8 / down_rate if down_rate else 0.0) + latency
+               for u, d in zip(ups, downs))
+    srv = server[b]["compute_total_s"] - server[a]["compute_total_s"]
+    comp = max(c[b]["compute_total_s"] - c[a]["compute_total_s"] for c in clients)
+    return {"server_s": srv, "client_s": comp, "link_s": link, "up": sum(ups), "down": sum(downs),
+            "bound_s": max(srv, comp, link)}
 
 
 def measure(run_dir: Path, cfg: Config, warmup: int) -> dict:
     """The figures of one finished run (see the module docstring)."""
-    total, clients = cfg.train.rounds, cfg.data.clients
-    server = _rounds(run_dir / "server-0.jsonl")
-    cl = [_rounds(run_dir / f"client-{i}.jsonl") for i in range(clients)]
-    up_rate, down_rate = cfg.net.link_rates
-    latency = 2 * cfg.net.link_latency_ms / 1000
-    bound = server_s = transfer = client_s = up = down = 0.0
-    for w in windows(warmup, total, cfg.train.grad_accum):
-        a, b = w.start - 1, w.stop - 1
-        srv = _delta(server[a], server[b], "compute_total_s")
-        comp = max(_delta(c[a], c[b], "compute_total_s") for c in cl)
-        ups = [_split_bytes(c[b], "sent_by_type") - _split_bytes(c[a], "sent_by_type") for c in cl]
-        downs = [_split_bytes(c[b], "received_by_type") - _split_bytes(c[a], "received_by_type") for c in cl]
-        link = max(max(u * 8 / up_rate if up_rate else 0.0, d * 8 / down_rate if down_rate else 0.0) + latency
-                   for u, d in zip(ups, downs))
-        bound += max(srv, comp, link)
-        server_s, client_s, transfer, up, down = server_s + srv, client_s + comp, transfer + link, \
-            up + sum(ups), down + sum(downs)
-    parties = [server, *cl]
+    total = cfg.train.rounds
+    server = _rounds(run_dir / "server-0.jsonl", total)
+    clients = [_rounds(run_dir / f"client-{i}.jsonl", total) for i in range(cfg.data.clients)]
+    costs = [window_costs(server, clients, w, cfg) for w in windows(warmup, total, cfg.train.grad_accum)]
+    sums = {k: sum(c[k] for c in costs) for k in costs[0]}
+    parties = [server, *clients]
     wall = max(p[total - 1]["clock"] for p in parties) - min(p[warmup - 1]["clock"] for p in parties)
-    return {"rounds_measured": total - warmup, "wall_epoch_s": wall, "server_compute_s": server_s,
-            "server_busy": ratio(server_s, wall), "client_compute_s": client_s, "transfer_s": transfer,
-            "bound_s": bound, "achieved_over_bound": ratio(wall, bound), "up_mb": up / MB, "down_mb": down / MB,
+    return {"rounds_measured": total - warmup, "wall_epoch_s": wall, "server_compute_s": sums["server_s"],
+            "server_busy": ratio(sums["server_s"], wall), "client_compute_s": sums["client_s"],
+            "transfer_s": sums["link_s"], "bound_s": sums["bound_s"],
+            "achieved_over_bound": ratio(wall, sums["bound_s"]), "up_mb": sums["up"] / MB, "down_mb": sums["down"] / MB,
             "loss_final": server[total - 1].get("loss")}
 
 
@@ -195,8 +203,8 @@ def plot_timeline(runs: Sequence[tuple[str, Path, float, float]], clients: int, 
 def timeline_span(run_dir: Path, cfg: Config, warmup: int, n_windows: int) -> tuple[float, float]:
     """[t0, t1]: from the end of the warm-up to the end of the first ``n_windows`` windows."""
     ws = windows(warmup, cfg.train.rounds, cfg.train.grad_accum)[:n_windows]
-    parties = [_rounds(run_dir / "server-0.jsonl")] + \
-        [_rounds(run_dir / f"client-{i}.jsonl") for i in range(cfg.data.clients)]
+    parties = [_rounds(run_dir / "server-0.jsonl", cfg.train.rounds)] + \
+        [_rounds(run_dir / f"client-{i}.jsonl", cfg.train.rounds) for i in range(cfg.data.clients)]
     return (min(p[warmup - 1]["clock"] for p in parties), max(p[ws[-1].stop - 1]["clock"] for p in parties))
 
 
@@ -254,8 +262,8 @@ def link_command(
         raise BenchError(f"--warmup {warmup} is not a positive multiple of --grad-accum {g}: the measured "
                          f"epoch must start at a window boundary; use --warmup {g}.")
     if not get_method(cfg.train.method).split:
-        raise BenchError(f"method {cfg.train.method} has no server: the link bench needs a split method "
-                         "(lesft, splitlora, sl, splitfrozen).")
+        split = ", ".join(name for name, m in METHODS.items() if m.split)
+        raise BenchError(f"method {cfg.train.method} has no server: the link bench needs a split method ({split}).")
     out_dir = make_out_dir(out, "link", cfg.run.runs_dir)
     rows, runs, base = [], [], None
     for i, depth in enumerate(plan):
