@@ -139,8 +139,9 @@ def same_adapters(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, 
 
 # --------------------------------------------------------------------------- timeline
 
+# lane -> (legend, colour, sub-row): compute on a row's upper half, transfers on its lower half
 LANES = {"forward": ("forward", "tab:blue", 0), "backward": ("backward", "tab:purple", 0),
-         "up": ("upload", "tab:orange", 1), "down": ("download", "tab:green", 1)}
+         "up": ("upload", "tab:orange", 1), "down": ("download", "tab:green", 1), "server": ("server", "tab:red", 0)}
 SERVER_PHASES = ("forward", "loss", "backward", "optimizer")
 
 
@@ -182,7 +183,7 @@ def plot_timeline(runs: Sequence[tuple[str, Path, float, float]], clients: int, 
         rows = timeline_bars(run_dir, clients, t0, t1)
         for y, (row, bars) in enumerate(rows.items()):
             for lane, a, b in bars:
-                name, color, sub = LANES.get(lane, ("server", "tab:red", 0))
+                _, color, sub = LANES[lane]
                 ax.broken_barh([(a - t0, max(b - a, (t1 - t0) * 1e-3))], (y - 0.4 + 0.42 * sub, 0.38),
                                facecolors=color)
         ax.set_yticks(range(len(rows)))
@@ -191,7 +192,7 @@ def plot_timeline(runs: Sequence[tuple[str, Path, float, float]], clients: int, 
         ax.set_xlim(0, t1 - t0)
         ax.set_title(label, fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("seconds since the end of the warm-up")
-    legend = [Patch(color=c, label=n) for n, c, _ in LANES.values()] + [Patch(color="tab:red", label="server")]
+    legend = [Patch(color=c, label=n) for n, c, _ in LANES.values()]
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
