@@ -295,7 +295,7 @@ def _report(cfg: Config, rows: list[dict], runs: list, out_dir: Path, warmup: in
         "slowest client's compute, slowest client's link time = max(up bytes*8/up rate, down bytes*8/down rate) "
         "+ both latencies), summed; checkpoints and the aggregator round trip are outside the bound",
         "bytes: client<->server message bodies (header + tensor frames), all clients; the aggregator's "
-        "traffic is not shaped", f"machine load (1 min) at the end: {info.get('load_avg_1m', '?')}"] + \
+        "traffic is not shaped"] + \
         [f"target {target_note(t)}" for t in tg]
     write_results(out_dir, "link", rows, {"settings": cfg.to_dict(), "depths": [r["depth"] for r in rows],
                                           "warmup": warmup, "targets": tg},
