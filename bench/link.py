@@ -221,6 +221,7 @@ COLUMNS = [Column("depth"), Column("wall_epoch_s", "wall/epoch s", ".2f"), Colum
 
 def run_depth(cfg: Config, depth: int, warmup: int, out_dir: Path, tag: str, timeout_s: float,
               client_threads: int) -> tuple[Config, Path]:
+    """One real run at ``depth``: the warm-up and one epoch; its config and its folder."""
     per_epoch = rounds_per_epoch(cfg.data.samples_per_client, cfg.train.batch_size)
     c = cfg.replace(pipeline_depth=depth, rounds=warmup + per_epoch, run_id=f"depth{depth}{tag}",
                     runs_dir=str(out_dir / "runs"))
@@ -262,6 +263,8 @@ def link_command(
     if warmup < g or warmup % g:
         raise BenchError(f"--warmup {warmup} is not a positive multiple of --grad-accum {g}: the measured "
                          f"epoch must start at a window boundary; use --warmup {g}.")
+    if timeline_windows < 1:
+        raise BenchError(f"--timeline-windows {timeline_windows}: draw at least one window (or pass --no-plot).")
     if not get_method(cfg.train.method).split:
         split = ", ".join(name for name, m in METHODS.items() if m.split)
         raise BenchError(f"method {cfg.train.method} has no server: the link bench needs a split method ({split}).")
