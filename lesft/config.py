@@ -202,6 +202,7 @@ class TrainConfig:
     client_device: str = field(default="cpu", metadata={"help": "client device: cpu|cuda|auto"})
     autocast_bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads of this process (0: torch's default)"})
+    pipeline_depth: int = field(default=1, metadata={"help": "rounds a client keeps in flight inside an accumulation window (1 = lock-step); results are identical at every depth"})
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, tuple(METHODS))
@@ -211,7 +212,7 @@ class TrainConfig:
         if self.server_lr is not None:
             _positive("server_lr", self.server_lr)
         _positive("weight_decay", self.weight_decay, zero_ok=True)
-        for name in ("batch_size", "grad_accum", "epochs", "aggregate_every"):
+        for name in ("batch_size", "grad_accum", "epochs", "aggregate_every", "pipeline_depth"):
             _positive(name, getattr(self, name))
         _positive("rounds", self.rounds, zero_ok=True)
         _positive("threads", self.threads, zero_ok=True)
