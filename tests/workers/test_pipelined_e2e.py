@@ -1,10 +1,10 @@
 """Pipelined rounds (``--pipeline-depth``) with every role a real process.
 
 What is pinned:
-- at depth 2 and 4 the launched run reproduces the in-process trainer bit for bit (which
-  the depth-1 run does too, ``test_methods_e2e.py``), for ``lesft``, ``splitlora`` and
-  ``splitfrozen`` (forwards only): the clients really send rounds ahead, yet every
-  accumulation window drains before the step, and nothing is sent twice;
+- a run with one client at depth 2 and one at depth 4 reproduces the in-process trainer
+  bit for bit (which the depth-1 run does too, ``test_methods_e2e.py``), for ``lesft``,
+  ``splitlora`` and ``splitfrozen`` (forwards only): the clients really send rounds
+  ahead, yet every accumulation window drains before the step, and nothing is sent twice;
 - (slow) a pipelined client SIGKILLed mid-window and restarted, then the server SIGKILLed
   mid-window and restarted with ``--resume``, end with the undisturbed run's adapters:
   the restarted client sends its rounds in flight again and the server answers the
@@ -23,7 +23,7 @@ from conftest import LiveRun, assert_same_adapters, e2e_config
 from lesft import lora
 from lesft.config import build_config
 from lesft.trainer import train_inprocess
-from workers.launch import launch
+from workers.launch import roles_for
 
 pytestmark = pytest.mark.e2e
 
@@ -42,30 +42,34 @@ def counter(record: dict, name: str) -> int:
     return int(record.get("counters", {}).get(name, 0))
 
 
+DEPTHS = {0: 2, 1: 4}  # client -> its --pipeline-depth (the server takes 4): both depths in one run
+
+
 @pytest.mark.parametrize("method", ["lesft", "splitlora", "splitfrozen"])
-@pytest.mark.parametrize("depth", [2, 4])
-def test_pipelined_run_reproduces_the_inprocess_trainer(tmp_path, method, depth):
+def test_pipelined_run_reproduces_the_inprocess_trainer(tmp_path, method, live_run):
     # Prepare
     expected = train_inprocess(make_config(tmp_path, method, 1, "inprocess"))
+    run = live_run(make_config(tmp_path, method, 4, "pipelined"), start=False)
+    for role, wid in roles_for(run.cfg):
+        run.start(role, wid, ["--pipeline-depth", str(DEPTHS[wid])] if role == "client" else [])
 
     # Execute
-    result = launch(make_config(tmp_path, method, depth, "pipelined"), timeout_s=420)
+    codes = run.wait_done()
 
     # Assert: bit-identical adapters
-    assert all(code == 0 for code in result.returncodes.values()), result.returncodes
+    assert all(c == 0 for n, c in codes.items() if n != "broker-0"), codes
     names = {p.name for p in expected.run_dir.glob("*adapters.safetensors")}
-    assert names == {p.name for p in result.run_dir.glob("*adapters.safetensors")} and names
+    assert names == {p.name for p in run.run_dir.glob("*adapters.safetensors")} and names
     for name in names:
-        got, want = lora.load_adapters(result.run_dir / name), lora.load_adapters(expected.run_dir / name)
+        got, want = lora.load_adapters(run.run_dir / name), lora.load_adapters(expected.run_dir / name)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
     # ... with rounds really in flight: at depth >= 2 every round of a window of 4 but its first
     # is sent while an earlier one is awaited, and none of the next window's before the drain
-    ahead = 3 * (ROUNDS // 4)
-    for i in range(2):
-        client = result.summary["workers"][f"client-{i}"]
-        assert counter(client, "forwards_ahead") == ahead, client.get("counters")
+    for i in DEPTHS:
+        client = run.final(f"client-{i}")
+        assert counter(client, "forwards_ahead") == 3 * (ROUNDS // 4), client.get("counters")
         assert client["msgs_sent"]["forward"] == ROUNDS  # nothing sent twice
-    assert counter(result.summary["workers"]["server-0"], "repeated_requests") == 0
+    assert counter(run.final("server-0"), "repeated_requests") == 0
 
 
 # ----------------------------------------------------------------------------- crashes
