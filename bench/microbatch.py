@@ -92,7 +92,7 @@ def build_workload(cfg, n_clients: int, source=None, progress: Callable[[str], N
             progress(f"client {i + 1}/{len(shards)} forward")
         party = ClientParty(ccfg, source, method, i, shard, tok, batch_size=batch_size)
         r = party.forward(0)
-        party.pending = None  # the client's graph is not needed: only the server is timed
+        party.pending.clear()  # the client's graph is not needed: only the server is timed
         rows.append(r)
         del party
     return Workload(rows, method.client_trains, time.perf_counter() - t0,

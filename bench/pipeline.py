@@ -3,7 +3,8 @@ the same work (same config, seed and data), after a warm-up, one epoch each.
 
 The in-process epoch is read from the trainer's round records, the pipeline's from the
 server's (both carry wall-clock seconds); process start-up and model loading are outside
-the window. Both runs write adapters, which must agree (fp32 wire).
+the window. Both runs write adapters, which must agree (fp32 wire) at every
+``--pipeline-depth`` of the pipeline (the in-process trainer has none).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def compare(cfg: Config, warmup: int, out_dir: Path, timeout_s: float, client_th
     pipe_dir = out_dir / "runs" / "pipeline"
     t_pipe = _epoch_seconds(read_jsonl(pipe_dir / "server-0.jsonl"), warmup, "t")
     row = {"method": cfg.train.method, "model": cfg.model.model, "clients": cfg.data.clients,
+           "pipeline_depth": cfg.train.pipeline_depth,
            "rounds_measured": per_epoch, "warmup_rounds": warmup, "inprocess_epoch_s": t_in,
            "pipeline_epoch_s": t_pipe, "ratio": ratio(t_pipe, t_in),
            "torch_threads_inprocess": torch.get_num_threads(), "client_threads": client_threads}
@@ -65,7 +67,8 @@ def pipeline_command(
     out_dir = make_out_dir(out, "pipeline", cfg.run.runs_dir)
     with console.status("in-process trainer, then the pipeline ..."):
         row = compare(cfg, warmup, out_dir, timeout, client_threads)
-    cols = ["method", "model", "clients", "rounds_measured", "inprocess_epoch_s", "pipeline_epoch_s", "ratio"]
+    cols = ["method", "model", "clients", "pipeline_depth", "rounds_measured", "inprocess_epoch_s",
+            "pipeline_epoch_s", "ratio"]
     console.print(rich_table([row], cols, title="pipeline / in-process, wall time per epoch"))
     target = {"target": "pipeline wall time / in-process <= 1.05", "value": row["ratio"], "met": row["ratio"] <= 1.05}
     print_targets([target])

@@ -213,7 +213,7 @@ class TrainConfig:
         if self.server_lr is not None:
             _positive("server_lr", self.server_lr)
         _positive("weight_decay", self.weight_decay, zero_ok=True)
-        for name in ("batch_size", "grad_accum", "epochs", "aggregate_every"):
+        for name in ("batch_size", "grad_accum", "epochs", "aggregate_every", "pipeline_depth"):
             _positive(name, getattr(self, name))
         _positive("pipeline_depth", self.pipeline_depth)
         _positive("rounds", self.rounds, zero_ok=True)

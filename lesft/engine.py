@@ -164,7 +164,8 @@ def reference_scope(part: torch.nn.Module, cfg: Config):
 
 @dataclass
 class Pending:
-    """What a client keeps between FORWARD and BACKWARD: the graph of its activations."""
+    """What a client keeps between FORWARD and BACKWARD: the graph of its activations
+    (one per round in flight, ``--pipeline-depth``)."""
 
     round: int
     act: torch.Tensor
@@ -199,7 +200,7 @@ class ClientParty(_Trainable):
         if not self.data:
             raise ValueError(f"client {client_id} has no training examples")
         self.n_samples = len(self.data)
-        self.pending: Pending | None = None
+        self.pending: dict[int, Pending] = {}  # round -> its graph, until its backward
         self.window_rows = 0
         self.steps = 0
 
@@ -226,17 +227,20 @@ class ClientParty(_Trainable):
             # reference path: no gradient ever reaches it (the weights are constants)
             with self.meter.phase("forward"), reference_scope(self.part, self.cfg):
                 ref_act = self.part(batch.ref.input_ids.to(dev), batch.ref.attention_mask.to(dev))
-        self.pending = Pending(r, act, len(batch)) if grad else None
+        if grad:
+            self.pending[r] = Pending(r, act, len(batch))
         return Rows(act=act.detach(), lengths=trained.lengths, y_start=trained.y_start, targets=batch.targets,
                     y_len=batch.y_len, keys=keys, ref_act=ref_act,
                     ref_lengths=batch.ref.lengths if ref_act is not None else None,
                     ref_y_start=batch.ref.y_start if ref_act is not None else None)
 
-    def backward(self, grad: torch.Tensor | None, rows_with_tokens: int | None = None) -> None:
-        """Finish the backward pass with the server's ``dL/dS`` ``[B, T, H]`` (sum-of-rows scale)."""
-        if self.pending is None:
+    def backward(self, grad: torch.Tensor | None, rows_with_tokens: int | None = None, r: int | None = None) -> None:
+        """Finish the backward pass of round ``r`` (default: the oldest pending one) with the
+        server's ``dL/dS`` ``[B, T, H]`` (sum-of-rows scale). Rounds must be finished in round
+        order: the gradients then add up in the same order at every pipeline depth."""
+        if not self.pending:
             return
-        pending, self.pending = self.pending, None
+        pending = self.pending.pop(min(self.pending) if r is None else r)
         if grad is not None:
             with self.meter.phase("backward"):
                 pending.act.backward(grad.to(pending.act.device, pending.act.dtype))

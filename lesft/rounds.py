@@ -25,8 +25,9 @@ may be open; its clock starts with its first result. The straggler / ``--min-cli
 rule is :class:`Policy`, the same for both.
 
 Everything is keyed by (client, round): one client may have ``depth`` rounds in flight
-(requests ahead of the open round, replies kept for repeats), although the clients send
-one request at a time today.
+(``--pipeline-depth``: requests ahead of the open round wait queued and run, in round
+order, once their round opens; the replies of its newest ``depth`` rounds are kept for
+repeats). Rows are still grouped per round, so the results do not depend on the depth.
 """
 
 from __future__ import annotations
@@ -334,12 +335,14 @@ class Rounds:
     def ready(self, now: float) -> list[Request]:
         """The requests of the open round to run now, as one microbatch: once every client it
         waits for has sent, once the first has waited ``batch_wait_s``, or once the round is
-        overdue (a straggler's round must not also wait for a full microbatch)."""
+        overdue (a straggler's round must not also wait for a full microbatch). A request
+        sent ahead (pipelined) waits for a microbatch only from when its round opened: it
+        must not run alone just because it came early."""
         rnd = self._open_round()
         if rnd is None or not rnd.requests:
             return []
         waiting = self.required() - set(rnd.results) - set(rnd.running)
-        first = min(q.arrived for q in rnd.requests.values())
+        first = max(rnd.opened, min(q.arrived for q in rnd.requests.values()))
         if not (set(rnd.requests) >= waiting or now - first >= self.batch_wait_s
                 or self.policy.overdue(now - rnd.opened)):
             return []

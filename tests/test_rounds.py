@@ -335,6 +335,65 @@ def test_two_rounds_in_flight_for_one_client():
     assert ask(rounds, 0, 1, 10, 0.7).value == "reply 0/1"
 
 
+def test_rows_sent_ahead_wait_queued_and_run_in_round_order():
+    # Prepare: client 0 pipelines a whole window (rounds 0..3), client 1 is lock-step
+    rounds = server(depth=4)
+    for r in range(4):
+        ask(rounds, 0, r, 1 + r, 0.0)
+    ask(rounds, 1, 0, 1, 0.0)
+
+    # Execute: serve the rounds as client 1 catches up, one round at a time
+    ran = []
+    for r in range(4):
+        if r:
+            assert run(rounds, 0.1 + r) == []  # round r opened: client 0's early row waits for client 1
+            ask(rounds, 1, r, 1 + r, 0.1 + r)
+        batch = rounds.ready(0.1 + r)
+        assert rounds.ready(0.1 + r) == []  # nothing of a later round runs before this one closes
+        ran.append([(q.client, q.round) for q in batch])
+        for q in batch:
+            rounds.result(q.client, q.round, f"reply {q.client}/{q.round}", 0.1 + r)
+        _, sends = close(rounds, 0.1 + r)
+        assert [(s.client, s.round, s.seq) for s in sends] == [(0, r, 1 + r), (1, r, 1 + r)]
+
+    # Assert: every early row ran once, grouped with its round, in round order
+    assert ran == [[(0, r), (1, r)] for r in range(4)]
+    assert sorted(n for c, n in rounds.cache if c == 0) == [0, 1, 2, 3]  # a whole window for repeats
+    assert rounds.counts["repeated_requests"] == 0
+
+
+def test_a_row_sent_ahead_waits_for_a_microbatch_from_when_its_round_opens():
+    rounds = server(batch_wait=2.0, depth=2)
+    ask(rounds, 0, 1, 2, 0.0)  # round 1, long before round 0 closes
+    serve_round(rounds, 0, 5.0)
+    assert run(rounds, 6.0) == []  # it came early, but round 1 opened at 5.0: wait for client 1
+    assert run(rounds, 7.1) == [0]  # the batch wait is over: a partial microbatch
+
+
+def test_a_restarted_pipelined_client_resending_its_rounds_gets_each_run_once():
+    # Prepare: client 0 had rounds 0..2 in flight; round 0 is answered, round 1 runs, round 2 waits
+    rounds = server(depth=4)
+    for r in range(3):
+        ask(rounds, 0, r, 1 + r, 0.0)
+    ask(rounds, 1, 0, 1, 0.0)
+    run(rounds, 0.1)
+    close(rounds, 0.1)
+    ask(rounds, 1, 1, 2, 0.2)
+    batch = rounds.ready(0.2)
+
+    # Execute: the restarted client sends rounds 0..2 again, with new seqs from a new socket
+    again = [ask(rounds, 0, r, 100 + r, 0.3, to="new") for r in range(3)]
+    for q in batch:
+        rounds.result(q.client, q.round, f"reply {q.client}/{q.round}", 0.4)
+    _, sends = close(rounds, 0.4)
+
+    # Assert: round 0 from the cache, round 1 answered once on its newest copy, round 2 still queued
+    assert again[0] == Send(0, 0, 100, "new", "reply 0/0") and again[1:] == [None, None]
+    assert [(s.client, s.round, s.seq, s.reply_to) for s in sends] == [(0, 1, 101, "new"), (1, 1, 2, "env-1")]
+    assert rounds.open[2].requests[0].seq == 102
+    assert [q.round for q in batch] == [1, 1]
+
+
 def test_with_depth_one_only_the_newest_reply_is_kept():
     rounds = server(depth=1)
     serve_round(rounds, 0, 0.0)

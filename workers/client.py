@@ -2,6 +2,10 @@
 
 register -> per round: forward both paths, FORWARD, wait BACKWARD, backward, step;
 every I rounds UPLOAD to the aggregator and load its ADAPTERS broadcast -> BYE.
+With ``--pipeline-depth D`` the FORWARDs of up to D rounds of the current accumulation
+window are in flight at once (the next round's forward runs while the server answers this
+one); backwards run in round order, and the pipeline drains at the window's end, before
+the step and the aggregation, so every forward uses the weights it uses at depth 1.
 Text and the tokenizer never leave this process: the server sees activations and ids.
 """
 
@@ -25,7 +29,7 @@ from lesft.schedule import client_epochs, is_aggregation_round, is_step_round
 from lesft.trainer import client_examples
 from lesft.wire import ErrorCode, Message, MsgType, WireError
 from workers.common import Worker
-from workers.transport import NOTE_EVERY_S, Channel, Peer, WorkerError, make_socket, request
+from workers.transport import NOTE_EVERY_S, Channel, Peer, Pipeline, WorkerError, make_socket, request
 
 
 class Client(Worker):
@@ -75,6 +79,8 @@ class Client(Worker):
         self.server = Peer("server", self._dealer(net.broker_frontend), self.meter,
                            address=f"{net.broker_frontend} (via the broker)") if self.method.split else None
         self.agg = self.sub = None
+        self.inflight = Pipeline(self.server, cfg=self.cfg, stop=self.stop, log=self.log,
+                                 float_dtype=net.wire_dtype) if self.server is not None else None
         try:
             r, rounds = self.register()
             self.epochs = client_epochs(self.party.n_samples, self.party.batch_size, rounds)
@@ -84,7 +90,7 @@ class Client(Worker):
                     self.log.info("stopping at round %d (signal)", r)
                     return 0
                 try:
-                    loss = self.train_round(r)
+                    loss = self.train_round(r, rounds)
                 except WireError as e:
                     if e.code != ErrorCode.STALE_ROUND:
                         raise
@@ -133,7 +139,8 @@ class Client(Worker):
         self.log.warning("left out of round(s) %d..%d (straggler timeout): continuing at round %d", r,
                          server_round - 1, server_round)
         self.meter.count("rounds_missed", server_round - r)
-        self.party.pending = None
+        self.party.pending.clear()
+        self.inflight.clear()  # rounds still valid are sent again: the server takes repeats
         # a window that spans the gap would step on gradients from before it: start afresh
         if any(is_step_round(x, rounds, self.cfg.train.grad_accum) for x in range(r, server_round)):
             self.party.discard_window()
@@ -193,16 +200,36 @@ class Client(Worker):
 
         return total_rounds(self.cfg, [self.party.n_samples], self.party.batch_size)
 
-    def train_round(self, r: int) -> float:
+    def train_round(self, r: int, rounds: int) -> float:
+        """Round r: its FORWARD (and those of the next rounds of its window, up to the
+        pipeline depth) out, its BACKWARD in, its backward; returns its mean loss."""
         if self.server is None:
             return float(self.party.local_step(r).loss.detach())
+        for x in self.rounds_to_send(r, rounds):
+            self.send_forward(x)
+        reply = self.inflight.wait(r)
+        valid = reply.meta["valid_rows"]
+        self.party.backward(reply.tensors.get("grad"), valid, r)
+        return mean_loss(reply.meta["loss_sum"], valid)
+
+    def rounds_to_send(self, r: int, rounds: int) -> list[int]:
+        """The rounds from r on to have in flight: up to ``--pipeline-depth``, never past the
+        end of r's accumulation window (the weights change there: aggregation rounds are
+        step rounds too), less those in flight already."""
+        window: list[int] = []
+        for x in range(r, min(r + self.cfg.train.pipeline_depth, rounds)):
+            window.append(x)
+            if is_step_round(x, rounds, self.cfg.train.grad_accum):
+                break
+        return [x for x in window if x not in self.inflight]
+
+    def send_forward(self, r: int) -> None:
+        """Client forward of round r, sent without waiting (its graph waits in the party)."""
         rows = self.party.forward(r)
         knows = wire.Knows(grad_shape=tuple(rows.act.shape) if self.method.client_trains else None)
-        reply = self.ask(self.server, lambda seq: wire.forward(self.origin, r, seq, rows), {MsgType.BACKWARD},
-                         float_dtype=self.cfg.net.wire_dtype, knows=knows)
-        valid = reply.meta["valid_rows"]
-        self.party.backward(reply.tensors.get("grad"), valid)
-        return mean_loss(reply.meta["loss_sum"], valid)
+        if self.inflight.sent:
+            self.meter.count("forwards_ahead")  # sent while an earlier round is still awaited
+        self.inflight.send(wire.forward(self.origin, r, self.next_seq(), rows), {MsgType.BACKWARD}, knows)
 
     # ------------------------------------------------------------------ aggregation
 

@@ -46,8 +46,8 @@ class Server(Worker):
         self.knows = wire.Knows(model=limits, reference=sends_reference(self.method, cfg))
         self.expected = cfg.data.clients
         self.rounds = Rounds(Policy.from_config(cfg), functools.partial(total_rounds, cfg),
-                             batch_wait_s=cfg.net.microbatch_wait_ms / 1000, resend_after_s=2 * cfg.net.heartbeat_s,
-                             count=self.meter.count)
+                             depth=cfg.train.pipeline_depth, batch_wait_s=cfg.net.microbatch_wait_ms / 1000,
+                             resend_after_s=2 * cfg.net.heartbeat_s, count=self.meter.count)
         self.tally = RoundTally()
         self.done_at: float | None = None
         self.sessions = Sessions(takeover_after=5 * cfg.net.heartbeat_s)

@@ -264,16 +264,22 @@ class _Request:
         return (got.round, got.seq) == (self.msg.round, self.msg.seq)
 
     def receive(self, chan: Channel) -> Message | None:
-        """The next message, checked; None when it was malformed (logged and dropped). A reply
-        to this request that fails its check ends the wait: the peer will send it again."""
+        """The next message, checked; None when it was malformed (logged and dropped)."""
         inbound = chan.recv()
         self.peer.last_heard = time.monotonic()
         got = inbound.msg if inbound.error is None else None
         if got is None:
             self.log.warning("dropped a malformed reply from %s: %s", self.peer.name, inbound.error)
             return None
+        return self.checked(got)
+
+    def checked(self, got: Message) -> Message | None:
+        """``got`` if it passes its check, else None (logged and dropped). A reply to this
+        request that fails ends the wait. Messages for other requests go to ``on_other``
+        checked only for what holds for every request: it knows what they answer."""
+        knows = self.knows if self.is_reply(got) or self.on_other is None else wire.Knows()
         try:
-            wire.check(got, self.knows)
+            wire.check(got, knows)
         except WireError as e:
             if self.is_reply(got) and got.type in self.expect | {MsgType.ERROR}:
                 raise WorkerError(f"{self.peer.where} sent an unusable answer to {self.what} ({e})") from None
@@ -339,7 +345,8 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
             log: logging.Logger, float_dtype: str | None = None, what: str = "",
             on_other: Callable[[Message], None] | None = None,
             retry_errors: frozenset = frozenset({ErrorCode.NOT_READY}), patience_s: float | None = None,
-            patience_flag: str = "--register-timeout-s", knows: wire.Knows = wire.Knows()) -> Message:
+            patience_flag: str = "--register-timeout-s", knows: wire.Knows = wire.Knows(),
+            sent: bool = False, early: Message | None = None) -> Message:
     """Send ``msg`` and wait for a matching reply (same round and seq) of an expected type.
 
     Every received message is checked first (:func:`lesft.wire.check` with ``knows``): a
@@ -351,13 +358,25 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
     pause. With ``patience_s`` the whole wait (answers included) ends after that long with a
     :class:`WorkerError` naming ``patience_flag``. Every ``NOTE_EVERY_S`` of waiting it
     logs what it waits for.
+
+    ``sent``: ``msg`` went out already on the peer's current socket (a :class:`Pipeline`), so
+    only a retry sends it again; ``early``: a message that came for it while another request
+    was awaited, taken as if it arrived first.
     """
     req = _Request(peer, msg, expect, cfg, log, what or describe(msg), knows, on_other, retry_errors,
                    patience_s, patience_flag)
+    if early is not None and (got := req.checked(early)) is not None:
+        outcome = req.answer(got)
+        if outcome is _RESEND:
+            sent = False
+        elif outcome is not None:
+            return outcome
     beat = wire.heartbeat(wire.Origin.of(msg), msg.round, msg.seq)
     while True:
         chan = peer.channel()
-        chan.send(msg, float_dtype=float_dtype)
+        if not sent:
+            chan.send(msg, float_dtype=float_dtype)
+        sent = False
         peer.last_heard = time.monotonic()
         next_beat = peer.last_heard + min(cfg.net.heartbeat_s, 1.0)
         while True:
@@ -379,3 +398,55 @@ def request(peer: Peer, msg: Message, expect: set[MsgType], *, cfg: Config, stop
             if now - peer.last_heard > cfg.net.request_timeout_s:
                 req.retry()
                 break
+
+
+@dataclass
+class _Sent:
+    msg: Message
+    expect: set[MsgType]
+    knows: wire.Knows
+    chan: Channel  # the socket it went out on
+
+
+class Pipeline:
+    """Requests sent ahead to one peer, then awaited one at a time (rounds in flight,
+    ``--pipeline-depth``).
+
+    Awaiting one is a :func:`request` whose first send is done already: the same
+    heartbeats, timeouts, retries and ERROR handling. A reply to a later one that comes
+    while an earlier one is awaited is kept for its turn; one sent on a socket rebuilt since
+    (a retry reconnected) is sent again when its turn comes.
+    """
+
+    def __init__(self, peer: Peer, *, cfg: Config, stop: threading.Event, log: logging.Logger,
+                 float_dtype: str | None = None) -> None:
+        self.peer, self.cfg, self.stop, self.log, self.float_dtype = peer, cfg, stop, log, float_dtype
+        self.sent: dict[int, _Sent] = {}  # round -> its request
+        self.early: dict[int, Message] = {}  # round -> a message that answers its request
+
+    def __contains__(self, r: int) -> bool:
+        return r in self.sent
+
+    def send(self, msg: Message, expect: set[MsgType], knows: wire.Knows = wire.Knows()) -> None:
+        chan = self.peer.channel()
+        chan.send(msg, float_dtype=self.float_dtype)
+        self.sent[msg.round] = _Sent(msg, expect, knows, chan)
+
+    def wait(self, r: int) -> Message:
+        """The reply to the request of round ``r`` (see :func:`request` for what it raises)."""
+        s = self.sent.pop(r)
+        return request(self.peer, s.msg, s.expect, cfg=self.cfg, stop=self.stop, log=self.log,
+                       float_dtype=self.float_dtype, knows=s.knows, on_other=self._keep,
+                       sent=self.peer.chan is s.chan, early=self.early.pop(r, None))
+
+    def _keep(self, got: Message) -> None:
+        s = self.sent.get(got.round)
+        if s is not None and s.msg.seq == got.seq:
+            self.early[got.round] = got
+        else:
+            self.peer.meter.count("stale_replies")
+
+    def clear(self) -> None:
+        """Forget every request in flight (the caller sends them again, or never)."""
+        self.sent.clear()
+        self.early.clear()
