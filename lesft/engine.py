@@ -28,7 +28,7 @@ from lesft.methods import Method
 from lesft.metrics import Meter, merge_token_means
 from lesft.models import ModelSource
 from lesft.schedule import rounds_per_epoch
-from lesft.split import ClientModel, FullModel, ServerModel, split_point
+from lesft.split import ClientModel, ClientTail, FullModel, ServerModel, split_point
 from lesft.wire import MODEL_DTYPES
 
 
@@ -193,6 +193,7 @@ class ClientParty(_Trainable):
         if method.client_trains:
             lora.add_lora(self.part, cfg.lora, seed=cfg.train.seed)
         self.part.to(self.device).train()
+        self.tail = self._tail(source, dtype) if method.split and cfg.model.label_private else None
         self.optimizer = _optimizer(lora.adapter_params(self.part).values(), cfg.train.lr, cfg.train.weight_decay)
         self.pad_id = tokenizer.pad_token_id
         self.data = encode_all(tokenizer, examples, cfg.data.max_length)
@@ -202,6 +203,13 @@ class ClientParty(_Trainable):
         self.pending: Pending | None = None
         self.window_rows = 0
         self.steps = 0
+
+    def _tail(self, source: ModelSource, dtype: torch.dtype) -> ClientTail:
+        """The final norm + LM head a label-private client keeps (the head tied to its embedding
+        where the model ties them)."""
+        tail = ClientTail(source, dtype).to(self.device)
+        tail.tie_to(self.part.body.embed_tokens)
+        return tail
 
     # -- data
 
@@ -288,7 +296,7 @@ class ServerParty(_Trainable):
         self.device = resolve_device(cfg.train.device)
         self.meter = meter or Meter("server", 0, str(self.device))
         self.k = split_point(source.n_layers, cfg.model.split_ratio)
-        self.part = ServerModel(source, self.k, dtype_of(cfg.model.dtype))
+        self.part = ServerModel(source, self.k, dtype_of(cfg.model.dtype), tail=not cfg.model.label_private)
         lora.add_lora(self.part, cfg.lora, seed=cfg.train.seed)
         self.part.to(self.device).train()
         lr = cfg.train.server_lr if cfg.train.server_lr is not None else cfg.train.lr
@@ -374,4 +382,6 @@ def run_fingerprint(cfg: Config, source: ModelSource) -> tuple[str, dict]:
              "paths": cfg.loss.paths, "loss": cfg.loss.loss, "ref_teacher": cfg.loss.ref_teacher,
              "seed": cfg.train.seed, "protocol": PROTOCOL_VERSION,
              "max_length": cfg.data.max_length}
+    if cfg.model.label_private:  # only then: the standard runs keep their fingerprints
+        parts["label_private"] = True
     return fingerprint(source, k, parts["lora"], {k_: v for k_, v in parts.items() if k_ != "lora"}), parts
