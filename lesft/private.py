@@ -19,7 +19,7 @@ call these functions alike, so the two reproduce each other bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -63,6 +63,55 @@ class HeldForward:
     groups: list[_Group]
     hidden: list[tuple[torch.Tensor, torch.Tensor | None]]
     want_grad: bool
+    keys: list[tuple[int, int]] = field(default_factory=list)  # (client, round) of each part, on the server
+
+
+class Held:
+    """The server's label-private microbatches waiting for their ``dL/dH``, by (client, round):
+    what a repeated FORWARD gets again, and when a microbatch can be backpropagated (every part
+    has its gradient or was given up)."""
+
+    def __init__(self) -> None:
+        self._at: dict[tuple[int, int], tuple[HeldForward, int]] = {}
+        self._grads: dict[int, dict[int, torch.Tensor | None]] = {}  # id(held) -> part -> dL/dH (None: given up)
+
+    def add(self, held: HeldForward, keys: Sequence[tuple[int, int]]) -> None:
+        """A microbatch just forwarded; ``keys[i]`` = (client, round) of its part i."""
+        held.keys = list(keys)
+        self._grads[id(held)] = {}
+        for i, key in enumerate(keys):
+            self._at[key] = (held, i)
+
+    def waiting(self, client: int, r: int) -> bool:
+        """Whether the dL/dH of (client, round) is awaited (or came and may come again: a repeat),
+        not given up."""
+        got = self._at.get((client, r))
+        return got is not None and (got[1] not in self._grads[id(got[0])]
+                                    or self._grads[id(got[0])][got[1]] is not None)
+
+    def hidden(self, client: int, r: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The HIDDEN tensors of (client, round) while its dL/dH is awaited."""
+        if not self.waiting(client, r):
+            return None
+        held, i = self._at[(client, r)]
+        return held.hidden[i]
+
+    def give(self, client: int, r: int, grad: torch.Tensor | None) -> tuple[HeldForward, list] | None:
+        """The dL/dH of (client, round) (None: given up, a straggler). Returns the microbatch and
+        every part's gradient once all are in (and forgets it); else None. A gradient for a shape
+        other than the HIDDEN's is a ``ValueError``."""
+        held, i = self._at[(client, r)]
+        want = tuple(held.hidden[i][0].shape)
+        if grad is not None and tuple(grad.shape) != want:
+            raise ValueError(f"head_grad of round {r} has shape {list(grad.shape)}; its hidden states were {list(want)}")
+        grads = self._grads[id(held)]
+        grads[i] = grad
+        if len(grads) < len(held.parts):
+            return None
+        for key in held.keys:
+            del self._at[key]
+        del self._grads[id(held)]
+        return held, [grads[j] for j in range(len(held.parts))]
 
 
 def _at_targets(model, act: torch.Tensor, lengths: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
