@@ -89,6 +89,10 @@ class Held:
         return got is not None and (got[1] not in self._grads[id(got[0])]
                                     or self._grads[id(got[0])][got[1]] is not None)
 
+    def missing(self, r: int) -> list[int]:
+        """The clients whose dL/dH of round ``r`` has not come (nor been given up)."""
+        return sorted(c for (c, n), (held, i) in self._at.items() if n == r and i not in self._grads[id(held)])
+
     def hidden(self, client: int, r: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The HIDDEN tensors of (client, round) while its dL/dH is awaited."""
         if not self.waiting(client, r):

@@ -395,14 +395,16 @@ class Rounds:
                                tuple(sorted(missing)), decision is Decision.ACCEPT, waited)
         return None
 
-    def abandon(self, now: float) -> list[int]:
-        """Sequential: once the open round is overdue, give up the requests still running (a
-        label-private round's second half, ``dL/dH``, that never came), so the round can be
-        judged without those clients; returns them."""
+    def abandon(self, now: float, clients: Sequence[int]) -> list[int]:
+        """Sequential: once the open round is overdue, give up these ``clients``' running requests
+        (a label-private round's second half, ``dL/dH``, that never came), so the round can be
+        judged without them; returns those given up."""
         rnd = self._open_round()
-        if rnd is None or not rnd.running or not self.policy.overdue(now - rnd.opened):
+        if rnd is None or not self.policy.overdue(now - rnd.opened):
             return []
-        gone, rnd.running = sorted(rnd.running), {}
+        gone = sorted(c for c in clients if c in rnd.running)
+        for c in gone:
+            del rnd.running[c]
         return gone
 
     def check_outcome(self, r: int) -> None:

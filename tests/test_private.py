@@ -94,12 +94,12 @@ def test_held_forwards_wait_for_every_gradient_or_a_give_up():
                                                                (torch.zeros(2, 3, 4), None)], True)
     book = private.Held()
     book.add(held, [(0, 7), (1, 7)])
-    assert book.waiting(0, 7) and book.hidden(1, 7)[0].shape == (2, 3, 4)
+    assert book.waiting(0, 7) and book.hidden(1, 7)[0].shape == (2, 3, 4) and book.missing(7) == [0, 1]
     with pytest.raises(ValueError, match="shape"):
         book.give(0, 7, torch.zeros(1, 3, 4))
     assert book.give(0, 7, torch.ones(1, 2, 4)) is None
     assert book.give(0, 7, torch.ones(1, 2, 4)) is None  # a repeat replaces it
-    assert book.waiting(1, 7)
+    assert book.waiting(1, 7) and book.missing(7) == [1]
     done, grads = book.give(1, 7, None)  # client 1 given up: the microbatch goes on without it
     assert done is held and grads[1] is None and torch.equal(grads[0], torch.ones(1, 2, 4))
     assert not book.waiting(0, 7) and book.hidden(0, 7) is None

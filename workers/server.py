@@ -218,12 +218,10 @@ class Server(Worker):
         if skipped:
             self.log.warning("clients are at round %d, the server at %d (resumed from an older checkpoint): "
                              "skipping rounds %d..%d", skipped.stop, skipped.start, skipped.start, skipped.stop - 1)
-        for client in self.rounds.abandon(now):  # label-private: its dL/dH never came
-            self.log.warning("round %d: no dL/dH from client %d in time: going on without it", self.rounds.current,
-                             client)
-            ready = self.held.give(client, self.rounds.current, None) if self.held.waiting(client, self.rounds.current) \
-                else None
-            if ready is not None:
+        r = self.rounds.current
+        for client in self.rounds.abandon(now, self.held.missing(r)):  # label-private: its dL/dH never came
+            self.log.warning("round %d: no dL/dH from client %d in time: going on without it", r, client)
+            if (ready := self.held.give(client, r, None)) is not None:
                 self.finish_private(*ready)
         if batch := self.rounds.ready(now):
             self.process(batch)

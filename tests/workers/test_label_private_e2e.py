@@ -182,9 +182,8 @@ def test_label_private_pipeline_reproduces_the_inprocess_trainer(root, recorded,
         got, want = lora.load_adapters(result.run_dir / name), lora.load_adapters(expected.run_dir / name)
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), name
-    counts = result.summary["workers"]["client-0"]["counters"] if "counters" in result.summary["workers"]["client-0"] \
-        else {}
-    assert not any(k.startswith("rejected") for k in counts)
+    for name in ("server-0", "client-0", "client-1"):  # no message of the new exchange was refused
+        assert not any(k.startswith("rejected") for k in result.summary["workers"][name].get("counters", {})), name
 
 
 def test_the_server_never_receives_label_ids_in_a_label_private_run(recorded):
@@ -219,5 +218,5 @@ def test_a_killed_label_private_client_resumes_and_the_run_ends_as_undisturbed(t
     codes = run.wait_done()
 
     # Assert
-    assert all(c == 0 for c in codes.values()), codes
+    assert all(c == 0 for n, c in codes.items() if n != "broker-0"), codes  # the broker runs until stopped
     assert_same_adapters(run.run_dir, cfg.data.clients, ref)
