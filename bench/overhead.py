@@ -120,9 +120,9 @@ def measure(run_dir: Path, method: str, warmup: int, hidden: int, device: str, c
     row["wall_epoch_s"] = max(walls) if walls else None
     if sv is not None:
         rounds = [r for r in read_jsonl(run_dir / "server-0.jsonl") if r.get("event") == "round"]
-        epoch = [r for r in rounds if r["round"] >= warmup]
-        row["final_loss"] = epoch[-1].get("loss") if epoch else None
-        row["epoch_loss"] = sum(r.get("loss", 0.0) for r in epoch) / len(epoch) if epoch else None
+        losses = epoch_losses(run_dir, [r for r in rounds if r["round"] >= warmup], clients)
+        row["final_loss"] = losses[-1] if losses else None
+        row["epoch_loss"] = sum(losses) / len(losses) if losses else None
         if m.split:
             row["paper_comm_mb"] = paper_accounting_bytes(rounds, warmup, hidden) / MB if m.loss == "lesft" else None
             fwd = sum(p.sent_by_type.get("forward", 0) for p in cl)
@@ -130,6 +130,20 @@ def measure(run_dir: Path, method: str, warmup: int, hidden: int, device: str, c
             row["forward_mb"], row["backward_mb"] = fwd / MB, bwd / MB
             row.update(split_directions(cl))
     return row
+
+
+def epoch_losses(run_dir: Path, server_epoch: list[dict], clients: int) -> list[float]:
+    """The loss of each round of the epoch: the server's, or in a label-private run (where only
+    the clients know it) the mean of the clients' losses of that round."""
+    if all(isinstance(r.get("loss"), (int, float)) for r in server_epoch):
+        return [r["loss"] for r in server_epoch]
+    by_round: dict[int, list[float]] = {}
+    for i in range(clients):
+        for rec in read_jsonl(run_dir / f"client-{i}.jsonl"):
+            if rec.get("event") == "round" and isinstance(rec.get("loss"), (int, float)):
+                by_round.setdefault(rec["round"], []).append(rec["loss"])
+    return [sum(v) / len(v) for n, v in sorted(by_round.items()) if n >= server_epoch[0]["round"]] if server_epoch \
+        else []
 
 
 def split_directions(clients: Sequence[PartyEpoch]) -> dict:
