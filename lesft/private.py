@@ -64,6 +64,7 @@ class HeldForward:
     hidden: list[tuple[torch.Tensor, torch.Tensor | None]]
     want_grad: bool
     keys: list[tuple[int, int]] = field(default_factory=list)  # (client, round) of each part, on the server
+    received: dict[int, torch.Tensor | None] = field(default_factory=dict)  # part -> its dL/dH (None: given up)
 
 
 class Held:
@@ -73,25 +74,22 @@ class Held:
 
     def __init__(self) -> None:
         self._at: dict[tuple[int, int], tuple[HeldForward, int]] = {}
-        self._grads: dict[int, dict[int, torch.Tensor | None]] = {}  # id(held) -> part -> dL/dH (None: given up)
 
     def add(self, held: HeldForward, keys: Sequence[tuple[int, int]]) -> None:
         """A microbatch just forwarded; ``keys[i]`` = (client, round) of its part i."""
         held.keys = list(keys)
-        self._grads[id(held)] = {}
         for i, key in enumerate(keys):
             self._at[key] = (held, i)
 
     def waiting(self, client: int, r: int) -> bool:
         """Whether the dL/dH of (client, round) is awaited (or came and may come again: a repeat),
         not given up."""
-        got = self._at.get((client, r))
-        return got is not None and (got[1] not in self._grads[id(got[0])]
-                                    or self._grads[id(got[0])][got[1]] is not None)
+        held, i = self._at.get((client, r), (None, 0))
+        return held is not None and (i not in held.received or held.received[i] is not None)
 
     def missing(self, r: int) -> list[int]:
         """The clients whose dL/dH of round ``r`` has not come (nor been given up)."""
-        return sorted(c for (c, n), (held, i) in self._at.items() if n == r and i not in self._grads[id(held)])
+        return sorted(c for (c, n), (held, i) in self._at.items() if n == r and i not in held.received)
 
     def hidden(self, client: int, r: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The HIDDEN tensors of (client, round) while its dL/dH is awaited."""
@@ -108,14 +106,12 @@ class Held:
         want = tuple(held.hidden[i][0].shape)
         if grad is not None and tuple(grad.shape) != want:
             raise ValueError(f"head_grad of round {r} has shape {list(grad.shape)}; its hidden states were {list(want)}")
-        grads = self._grads[id(held)]
-        grads[i] = grad
-        if len(grads) < len(held.parts):
+        held.received[i] = grad
+        if len(held.received) < len(held.parts):
             return None
         for key in held.keys:
             del self._at[key]
-        del self._grads[id(held)]
-        return held, [grads[j] for j in range(len(held.parts))]
+        return held, [held.received[j] for j in range(len(held.parts))]
 
 
 def _at_targets(model, act: torch.Tensor, lengths: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
