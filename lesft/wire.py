@@ -476,7 +476,7 @@ def backward(origin: Origin, round: int, seq: int, *, loss_sum: float | None, va
     losses over the ``valid_rows`` rows that have target tokens (the client divides, once;
     None in a label-private run, where only the client knows its loss), and ``dL/dS`` when
     the client trains."""
-    meta = {"valid_rows": valid_rows} | ({"loss_sum": loss_sum} if loss_sum is not None else {})
+    meta = ({"loss_sum": loss_sum} if loss_sum is not None else {}) | {"valid_rows": valid_rows}
     return _message(origin, MsgType.BACKWARD, round, seq, meta, {"grad": grad} if grad is not None else {})
 
 
