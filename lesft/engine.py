@@ -193,6 +193,7 @@ class ClientParty(_Trainable):
         if method.client_trains:
             lora.add_lora(self.part, cfg.lora, seed=cfg.train.seed)
         self.part.to(self.device).train()
+        # built once the part is on its device: a tied head shares the embedding there
         self.tail = self._tail(source, dtype) if method.split and cfg.model.label_private else None
         self.optimizer = _optimizer(lora.adapter_params(self.part).values(), cfg.train.lr, cfg.train.weight_decay)
         self.pad_id = tokenizer.pad_token_id
@@ -207,9 +208,7 @@ class ClientParty(_Trainable):
     def _tail(self, source: ModelSource, dtype: torch.dtype) -> ClientTail:
         """The final norm + LM head a label-private client keeps (the head tied to its embedding
         where the model ties them)."""
-        tail = ClientTail(source, dtype).to(self.device)
-        tail.tie_to(self.part.body.embed_tokens)
-        return tail
+        return ClientTail(source, dtype, embedding=self.part.body.embed_tokens).to(self.device)
 
     # -- data
 

@@ -144,11 +144,13 @@ class ServerModel(nn.Module):
 
 
 class ClientTail(nn.Module):
-    """The final norm + LM head, kept by a label-private client: ``forward(hidden [B, T, H])``
-    gives the logits ``[B, T, V]`` from the server's last-layer output. With tied embeddings
-    the head shares the client's embedding matrix (:meth:`tie_to`), so it costs no memory."""
+    """The final norm + LM head, kept by a label-private client: :meth:`normed` and :meth:`head`
+    turn the server's last-layer output ``[B, T, H]`` into logits ``[B, T, V]``. With tied
+    embeddings the head *is* the client's ``embedding`` matrix (as in :class:`FullModel`), so it
+    costs no memory and is never loaded twice."""
 
-    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32,
+                 embedding: nn.Embedding | None = None) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
 
@@ -156,13 +158,11 @@ class ClientTail(nn.Module):
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config)
         self.norm, self.lm_head = lm.model.norm, lm.lm_head
-        _materialize(self, config, lambda n: n if n.startswith("lm_head") else f"model.{n}", source, dtype)
-        self.tied = bool(getattr(source.config, "tie_word_embeddings", False))
-
-    def tie_to(self, embedding: nn.Embedding) -> None:
-        """Share the client's embedding matrix as the head when the model ties them (same values)."""
-        if self.tied and torch.equal(embedding.weight, self.lm_head.weight):
+        _materialize(self.norm, config, lambda n: f"model.norm.{n}", source, dtype)
+        if embedding is not None and getattr(source.config, "tie_word_embeddings", False):
             self.lm_head.weight = embedding.weight
+        else:
+            _materialize(self.lm_head, config, lambda n: f"lm_head.{n}", source, dtype)
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``[B, T, H]`` (after the last norm) of the last layer's output."""

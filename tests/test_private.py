@@ -14,6 +14,7 @@ from lesft.config import build_config
 from lesft.engine import ClientParty, ServerParty
 from lesft.methods import get_method
 from lesft.models import source_for
+from lesft.split import ClientTail
 from lesft.trainer import client_shards, train_inprocess
 
 MODEL = "arch:tiny-qwen2"
@@ -32,7 +33,8 @@ def relative_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 
 @pytest.mark.parametrize("method, over", [("lesft", {}), ("splitlora", {}), ("lesft", {"loss": "kd"}),
-                                          ("sl", {"microbatch_max_padding": 0.0})])
+                                          ("sl", {"microbatch_max_padding": 0.0}),
+                                          ("lesft", {"model": "arch:tiny-llama"})])  # an untied head
 def test_label_private_training_gives_the_standard_adapters(tmp_path, method, over):
     # Execute: the same run with the loss on the server, then on the clients
     standard = train_inprocess(make_config(tmp_path, method, False, **over))
@@ -62,6 +64,9 @@ def test_the_head_stays_on_the_client_and_is_its_embedding_when_tied(parties):
     cfg, client, server = parties
     assert source_for(cfg).config.tie_word_embeddings
     assert client.tail.lm_head.weight is client.part.body.embed_tokens.weight
+    untied = cfg.replace(model="arch:tiny-llama")
+    tail = ClientTail(source_for(untied), embedding=client.part.body.embed_tokens)
+    assert tail.lm_head.weight is not client.part.body.embed_tokens.weight
     names = [n for n, _ in server.part.named_parameters()]
     assert not any("lm_head" in n or n.endswith("norm.weight") and ".layers." not in n for n in names)
 
