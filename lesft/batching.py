@@ -179,7 +179,7 @@ class Rows:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The FORWARD tensors of these rows in wire order (index tensors as int32; keys stay
         local; ``targets`` only when set: a label-private client sends none)."""
-        names = [k for k in BASE_FIELDS + REF_FIELDS if getattr(self, k) is not None]  # label-private: no targets
+        names = [k for k in BASE_FIELDS + REF_FIELDS if getattr(self, k) is not None]
         return {k: getattr(self, k) if k in FLOAT_FIELDS else getattr(self, k).to(torch.int32) for k in names}
 
     @classmethod

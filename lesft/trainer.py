@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 
+from lesft import private
 from lesft.aggregate import fedavg
 from lesft.config import Config
 from lesft.data import Example, load_examples, partition
 from lesft.data.files import DataFile, client_data_path, load_data_file, local_data_paths
-from lesft import private
 from lesft.engine import ClientParty, ServerParty, ServerResult
 from lesft.export import final_outputs
 from lesft.methods import Method, get_method
