@@ -49,6 +49,7 @@ class PartyEpoch:
     peak_mb: float | None
     sent_by_type: dict
     received_by_type: dict
+    loss_s_per_round: float | None = None  # a client's head + loss compute per round, over the whole run
 
 
 def _window(records: list[dict], warmup: int) -> tuple[dict, dict]:
@@ -78,7 +79,9 @@ def party_epoch(path: Path, warmup: int, device: str) -> PartyEpoch | None:
     split = sum(v for d in (sent, recv) for k, v in d.items() if not k.startswith("agg."))
     t0 = start["t"] or 0.0  # without warm-up the window starts at process start (model loading included)
     peak = final.get("cuda_peak_mb") if device == "cuda" and final.get("cuda_peak_mb") else final.get("peak_rss_mb")
-    return PartyEpoch(bytes_total=(end["total_sent"] + end["total_received"])
+    n_loss = final.get("compute_n", {}).get("loss")
+    return PartyEpoch(loss_s_per_round=final["compute_s"]["loss"] / n_loss if n_loss else None,
+                      bytes_total=(end["total_sent"] + end["total_received"])
                       - (start["total_sent"] + start["total_received"]),
                       bytes_split=split, compute_s=end["compute_total_s"] - start["compute_total_s"],
                       wall_s=end["t"] - t0, peak_mb=peak, sent_by_type=sent, received_by_type=recv)
@@ -117,23 +120,53 @@ def measure(run_dir: Path, method: str, warmup: int, hidden: int, device: str, c
     row["wall_epoch_s"] = max(walls) if walls else None
     if sv is not None:
         rounds = [r for r in read_jsonl(run_dir / "server-0.jsonl") if r.get("event") == "round"]
-        epoch = [r for r in rounds if r["round"] >= warmup]
-        row["final_loss"] = epoch[-1].get("loss") if epoch else None
-        row["epoch_loss"] = sum(r.get("loss", 0.0) for r in epoch) / len(epoch) if epoch else None
+        losses = epoch_losses(run_dir, [r for r in rounds if r["round"] >= warmup], clients)
+        row["final_loss"] = losses[-1] if losses else None
+        row["epoch_loss"] = sum(losses) / len(losses) if losses else None
         if m.split:
             row["paper_comm_mb"] = paper_accounting_bytes(rounds, warmup, hidden) / MB if m.loss == "lesft" else None
             fwd = sum(p.sent_by_type.get("forward", 0) for p in cl)
             bwd = sum(p.received_by_type.get("backward", 0) for p in cl)
             row["forward_mb"], row["backward_mb"] = fwd / MB, bwd / MB
+            row.update(split_directions(cl))
     return row
 
 
+def epoch_losses(run_dir: Path, server_epoch: list[dict], clients: int) -> list[float]:
+    """The loss of each round of the epoch: the server's, or in a label-private run (where only
+    the clients know it) the mean of the clients' losses of that round."""
+    if all(isinstance(r.get("loss"), (int, float)) for r in server_epoch):
+        return [r["loss"] for r in server_epoch]
+    by_round: dict[int, list[float]] = {}
+    for i in range(clients):
+        for rec in read_jsonl(run_dir / f"client-{i}.jsonl"):
+            if rec.get("event") == "round" and isinstance(rec.get("loss"), (int, float)):
+                by_round.setdefault(rec["round"], []).append(rec["loss"])
+    return [sum(v) / len(v) for n, v in sorted(by_round.items()) if n >= server_epoch[0]["round"]] if server_epoch \
+        else []
+
+
+def split_directions(clients: Sequence[PartyEpoch]) -> dict:
+    """The client<->server traffic of the epoch per direction (clients summed), the label-private
+    exchange's own messages (HIDDEN down, HEAD_GRAD up), round trips per round, and the clients'
+    head + loss compute per round (the server's, in a standard run)."""
+    def total(by: str, kinds: tuple[str, ...] | None = None) -> float:
+        return sum(v for p in clients for k, v in getattr(p, by).items()
+                   if not k.startswith("agg.") and (kinds is None or k in kinds)) / MB
+
+    hidden = total("received_by_type", ("hidden",))
+    heads = [p.loss_s_per_round for p in clients if p.loss_s_per_round is not None]
+    return {"up_mb": total("sent_by_type"), "down_mb": total("received_by_type"), "hidden_mb": hidden,
+            "head_grad_mb": total("sent_by_type", ("head_grad",)), "round_trips": 2 if hidden else 1,
+            "client_loss_s": sum(heads) / len(heads) if heads else None}
+
+
 def run_method(cfg: Config, method: str, warmup: int, out_dir: Path, wire_dtype: str, timeout_s: float,
-               tag: str = "") -> Path:
+               tag: str = "", label_private: bool = False) -> Path:
     per_epoch = rounds_per_epoch(cfg.data.samples_per_client, cfg.train.batch_size)
     run_id = f"{method}{tag}"
     c = cfg.replace(method=method, rounds=warmup + per_epoch, run_id=run_id, runs_dir=str(out_dir / "runs"),
-                    wire_dtype=wire_dtype)
+                    wire_dtype=wire_dtype, label_private=label_private)
     launch(c, timeout_s=timeout_s)
     return out_dir / "runs" / run_id
 
@@ -199,6 +232,12 @@ COLUMNS = [Column("label", "framework"), Column("mem_client_mb", "mem client MB"
            Column("comm_split_mb", "of which client<->server MB", ".2f"),
            Column("lat_client_s", "latency client s", ".2f"), Column("lat_server_s", "latency server s", ".2f"),
            Column("wall_epoch_s", "wall/epoch s", ".1f"), Column("paper_comm_mb", "paper acct. MB", ".2f")]
+# with --label-private: what the label-private exchange costs beside the standard rows
+PRIVATE_COLUMNS = [Column("label", "framework"), Column("round_trips", "round trips", "d"),
+                   Column("up_mb", "up MB", ".3f"), Column("down_mb", "down MB", ".3f"),
+                   Column("hidden_mb", "of which hidden MB", ".3f"), Column("head_grad_mb", "of which dL/dH MB", ".3f"),
+                   Column("mem_client_mb", "mem client MB", ".0f"), Column("client_loss_s", "client head+loss s/round", ".4f"),
+                   Column("lat_client_s", "latency client s", ".2f"), Column("wall_epoch_s", "wall/epoch s", ".1f")]
 
 
 @bench_command("overhead", kind="paper", order=3)
@@ -225,18 +264,32 @@ def overhead_command(
     hidden = int(source.config.hidden_size)
     rows = []
     plan = [(m, dtypes[0]) for m in names if m != "lesft"] + ([("lesft", d) for d in dtypes] if "lesft" in names else [])
-    for i, (m, dt) in enumerate(plan):
-        console.print(f"[bold]{i + 1}/{len(plan)}[/] {get_method(m).label} ({dt} wire) on {source.label} ...")
-        run_dir = run_method(cfg, m, warmup, out_dir, dt, timeout, tag=f"-{dt}")
+    plan = [(m, dt, False) for m, dt in plan]
+    cfg_private = cfg.model.label_private
+    if cfg_private:  # beside every split method's standard row
+        plan += [(m, dt, True) for m, dt, _ in plan if get_method(m).split]
+    cfg = cfg.replace(label_private=False)  # each run says its own; the baselines refuse it
+    for i, (m, dt, lp) in enumerate(plan):
+        what = f"{dt} wire{', label-private' if lp else ''}"
+        console.print(f"[bold]{i + 1}/{len(plan)}[/] {get_method(m).label} ({what}) on {source.label} ...")
+        run_dir = run_method(cfg, m, warmup, out_dir, dt, timeout, tag=f"-{dt}" + ("-private" if lp else ""),
+                             label_private=lp)
         row = measure(run_dir, m, warmup, hidden, device, cfg.data.clients)
-        row.update(row=f"{m}@{dt}", wire_dtype=dt if get_method(m).split else "-", run_dir=str(run_dir))
+        row.update(row=f"{m}@{dt}" + ("+private" if lp else ""), wire_dtype=dt if get_method(m).split else "-",
+                   run_dir=str(run_dir), label_private=lp)
         if m == "lesft" and len(dtypes) > 1:
             row["label"] += f" [{dt}]"
+        if lp:
+            row["label"] += " [label-private]"
         rows.append(row)
     info = machine_info()
     title = (f"Table 2 on {source.label}: {cfg.data.clients} clients x {cfg.data.samples_per_client} samples, "
              f"one epoch after {warmup} warm-up rounds ({MEM_HELP}; N/A = not applicable)")
     print_table(rich_table(rows, COLUMNS, title=title))
+    private_title = "label-private rows beside the standard ones (client<->server traffic per epoch, clients summed)"
+    split_rows = [r for r in rows if get_method(r["method"]).split] if cfg_private else []
+    if split_rows:
+        print_table(rich_table(split_rows, PRIVATE_COLUMNS, title=private_title))
     tg = targets(rows)
     print_targets(tg)
     notes = random_note(cfg) + link_note(cfg) + [
@@ -248,6 +301,9 @@ def overhead_command(
     write_results(out_dir, "overhead", rows, {"settings": cfg.to_dict(), "warmup": warmup, "targets": tg,
                                               "random_weights": source.random_weights},
                   COLUMNS, title=title, notes=notes, machine=info)
+    if split_rows:
+        write_results(out_dir, "overhead-private", split_rows, {"settings": cfg.to_dict(), "warmup": warmup},
+                      PRIVATE_COLUMNS, title=private_title, notes=notes, machine=info)
     if draw:
         plot(rows, out_dir / "overhead.png", title=f"lesft bench overhead on {source.label}: {cfg.data.clients} "
              f"clients x {cfg.data.samples_per_client} samples, one epoch")

@@ -177,15 +177,17 @@ class Rows:
         return self.act.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The FORWARD tensors of these rows in wire order (index tensors as int32; keys stay local)."""
-        names = BASE_FIELDS + (REF_FIELDS if self.ref_act is not None else ())
+        """The FORWARD tensors of these rows in wire order (index tensors as int32; keys stay
+        local; ``targets`` only when set: a label-private client sends none)."""
+        names = [k for k in BASE_FIELDS + REF_FIELDS if getattr(self, k) is not None]
         return {k: getattr(self, k) if k in FLOAT_FIELDS else getattr(self, k).to(torch.int32) for k in names}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], keys: torch.Tensor) -> "Rows":
-        """Rows from a checked FORWARD's tensors and the rows' dropout keys (index tensors as int64)."""
-        return cls(keys=keys, **{k: t[k] if k in FLOAT_FIELDS else t[k].long()
-                                 for k in BASE_FIELDS + REF_FIELDS if k in t})
+        """Rows from a checked FORWARD's tensors and the rows' dropout keys (index tensors as int64;
+        ``targets`` None in a label-private FORWARD, which carries none)."""
+        return cls(keys=keys, **{"targets": None} | {k: t[k] if k in FLOAT_FIELDS else t[k].long()
+                                                     for k in BASE_FIELDS + REF_FIELDS if k in t})
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Rows":
         """These rows on ``device``, activations cast to ``dtype`` when given (keys stay where they are)."""

@@ -42,6 +42,7 @@ class ModelConfig:
     split_ratio: float = field(default=0.25, metadata={"help": "fraction of decoder layers on the client: k = round(L * ratio)"})
     dtype: str = field(default="float32", metadata={"help": "parameter dtype of the base weights: float32|bfloat16"})
     cache_dir: str = field(default="", metadata={"help": "where the embedded model is cached (default ~/.cache/lesft)"})
+    label_private: bool = field(default=False, metadata={"help": "keep the final norm, the LM head and the loss on the client: the server never receives label ids (split methods)"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.split_ratio < 1.0:
@@ -298,6 +299,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        if self.model.label_private and not METHODS[self.train.method].split:
+            raise ConfigError(f"label_private applies to the split methods; method {self.train.method} holds the whole "
+                              "model on each client already: drop --label-private or use a split method (e.g. --method lesft).")
         if self.loss.loss != "lesft" or self.loss.ref_teacher != "live":
             method = METHODS[self.train.method]
             if method.loss != "lesft":

@@ -28,7 +28,7 @@ from lesft.methods import Method
 from lesft.metrics import Meter, merge_token_means
 from lesft.models import ModelSource
 from lesft.schedule import rounds_per_epoch
-from lesft.split import ClientModel, FullModel, ServerModel, split_point
+from lesft.split import ClientModel, ClientTail, FullModel, ServerModel, split_point
 from lesft.wire import MODEL_DTYPES
 
 
@@ -194,6 +194,8 @@ class ClientParty(_Trainable):
         if method.client_trains:
             lora.add_lora(self.part, cfg.lora, seed=cfg.train.seed)
         self.part.to(self.device).train()
+        # built once the part is on its device: a tied head shares the embedding there
+        self.tail = self._tail(source, dtype) if method.split and cfg.model.label_private else None
         self.optimizer = _optimizer(lora.adapter_params(self.part).values(), cfg.train.lr, cfg.train.weight_decay)
         self.pad_id = tokenizer.pad_token_id
         self.data = encode_all(tokenizer, examples, cfg.data.max_length)
@@ -203,6 +205,11 @@ class ClientParty(_Trainable):
         self.pending: dict[int, Pending] = {}  # round -> its graph, until its backward
         self.window_rows = 0
         self.steps = 0
+
+    def _tail(self, source: ModelSource, dtype: torch.dtype) -> ClientTail:
+        """The final norm + LM head a label-private client keeps (the head tied to its embedding
+        where the model ties them)."""
+        return ClientTail(source, dtype, embedding=self.part.body.embed_tokens).to(self.device)
 
     # -- data
 
@@ -292,7 +299,7 @@ class ServerParty(_Trainable):
         self.device = resolve_device(cfg.train.device)
         self.meter = meter or Meter("server", 0, str(self.device))
         self.k = split_point(source.n_layers, cfg.model.split_ratio)
-        self.part = ServerModel(source, self.k, dtype_of(cfg.model.dtype))
+        self.part = ServerModel(source, self.k, dtype_of(cfg.model.dtype), tail=not cfg.model.label_private)
         lora.add_lora(self.part, cfg.lora, seed=cfg.train.seed)
         self.part.to(self.device).train()
         lr = cfg.train.server_lr if cfg.train.server_lr is not None else cfg.train.lr
@@ -378,4 +385,6 @@ def run_fingerprint(cfg: Config, source: ModelSource) -> tuple[str, dict]:
              "paths": cfg.loss.paths, "loss": cfg.loss.loss, "ref_teacher": cfg.loss.ref_teacher,
              "seed": cfg.train.seed, "protocol": PROTOCOL_VERSION,
              "max_length": cfg.data.max_length}
+    if cfg.model.label_private:  # only then: the standard runs keep their fingerprints
+        parts["label_private"] = True
     return fingerprint(source, k, parts["lora"], {k_: v for k_, v in parts.items() if k_ != "lora"}), parts

@@ -294,6 +294,10 @@ class Rounds:
             return None
         return rnd.running.get(client) or rnd.results.get(client)
 
+    def holds(self, client: int, r: int) -> bool:
+        """Whether (client, round) is running or its reply is held until the round closes."""
+        return self._in_progress(client, r) is not None
+
     def _keep_newest_ahead(self, client: int, r: int) -> None:
         """A client ahead of the open round (it resumed past a server that resumed from an
         older checkpoint) keeps at most ``depth`` requests waiting: the newest."""
@@ -393,6 +397,18 @@ class Rounds:
                 return Verdict(rnd.number, {c: res.value for c, res in rnd.results.items()},
                                tuple(sorted(missing)), decision is Decision.ACCEPT, waited)
         return None
+
+    def abandon(self, now: float, clients: Sequence[int]) -> list[int]:
+        """Sequential: once the open round is overdue, give up these ``clients``' running requests
+        (a label-private round's second half, ``dL/dH``, that never came), so the round can be
+        judged without them; returns those given up."""
+        rnd = self._open_round()
+        if rnd is None or not self.policy.overdue(now - rnd.opened):
+            return []
+        gone = sorted(c for c in clients if c in rnd.running)
+        for c in gone:
+            del rnd.running[c]
+        return gone
 
     def check_outcome(self, r: int) -> None:
         """Refuse a question about the outcome of round r (-1: the latest) that has none yet,

@@ -100,11 +100,14 @@ class ClientModel(nn.Module):
 
 
 class ServerModel(nn.Module):
-    """layers[k:] + final norm + LM head, fed the client's activations."""
+    """layers[k:] + final norm + LM head, fed the client's activations. With ``tail=False``
+    (label-private runs) the final norm and the head stay on the client (:class:`ClientTail`):
+    :meth:`hidden` then returns the last layer's output before the norm, and the server
+    holds no head."""
 
     side = "server"
 
-    def __init__(self, source: ModelSource, k: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, source: ModelSource, k: int, dtype: torch.dtype = torch.float32, *, tail: bool = True) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
 
@@ -113,6 +116,8 @@ class ServerModel(nn.Module):
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(self.config)
         lm.model.embed_tokens = _NoEmbedding()
+        if not tail:
+            lm.model.norm, lm.lm_head = nn.Identity(), nn.Identity()
 
         def to_full(name: str) -> str:
             m = _LAYER.match(name)
@@ -136,6 +141,35 @@ class ServerModel(nn.Module):
 
     def global_layer(self, local: int) -> int:
         return local + self.k
+
+
+class ClientTail(nn.Module):
+    """The final norm + LM head, kept by a label-private client: :meth:`normed` and :meth:`head`
+    turn the server's last-layer output ``[B, T, H]`` into logits ``[B, T, V]``. With tied
+    embeddings the head *is* the client's ``embedding`` matrix (as in :class:`FullModel`), so it
+    costs no memory and is never loaded twice."""
+
+    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32,
+                 embedding: nn.Embedding | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        config = _part_config(source.config, range(source.n_layers - 1, source.n_layers), tie=False)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config)
+        self.norm, self.lm_head = lm.model.norm, lm.lm_head
+        _materialize(self.norm, config, lambda n: f"model.norm.{n}", source, dtype)
+        if embedding is not None and getattr(source.config, "tie_word_embeddings", False):
+            self.lm_head.weight = embedding.weight
+        else:
+            _materialize(self.lm_head, config, lambda n: f"lm_head.{n}", source, dtype)
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]`` (after the last norm) of the last layer's output."""
+        return self.norm(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
 
 
 class FullModel(nn.Module):

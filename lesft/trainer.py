@@ -14,14 +14,15 @@ from typing import Callable
 
 import torch
 
+from lesft import private
 from lesft.aggregate import fedavg
 from lesft.config import Config
 from lesft.data import Example, load_examples, partition
 from lesft.data.files import DataFile, client_data_path, load_data_file, local_data_paths
-from lesft.engine import ClientParty, ServerParty
+from lesft.engine import ClientParty, ServerParty, ServerResult
 from lesft.export import final_outputs
 from lesft.methods import Method, get_method
-from lesft.metrics import JsonlWriter, Meter, mean_loss
+from lesft.metrics import JsonlWriter, Meter, mean_loss, merge_token_means
 from lesft.models import ModelSource, source_for
 from lesft.runs import RunDirError, mark_run, open_run_dir
 from lesft.schedule import client_sizes, is_aggregation_round, is_step_round, total_rounds
@@ -95,6 +96,20 @@ def party_layout(method: Method, cfg: Config, shards: list[list[Example]]) -> tu
     return shards, cfg.train.batch_size
 
 
+def label_private_round(server: ServerParty, clients: list[ClientParty], parts: list, r: int,
+                        want_grad: bool) -> ServerResult:
+    """One label-private round in process, as the workers run it (:mod:`lesft.private`): the
+    server's forward of the label-free rows, each client's loss and dL/dH, the server's
+    backward. The result carries the clients' loss sums, the only place they exist."""
+    held = private.server_forward(server, [private.without_labels(p) for p in parts], want_grad)
+    outs = [private.client_loss(c, r, h, ref) for c, (h, ref) in zip(clients, held.hidden)]
+    res = private.server_backward(server, held, [g for _, g in outs])
+    res.loss_sums = [float(tl.rows.detach()[tl.valid].sum()) for tl, _ in outs]
+    for tl, _ in outs:
+        merge_token_means(res.stats, tl.stats)
+    return res
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -132,7 +147,10 @@ def train_inprocess(cfg: Config, *, on_round: Callable[[dict, int], None] | None
         last = r == rounds - 1
         if server is not None:
             parts = [c.forward(r) for c in clients]
-            res = server.process(parts, want_grad=method.client_trains)
+            if cfg.model.label_private:
+                res = label_private_round(server, clients, parts, r, method.client_trains)
+            else:
+                res = server.process(parts, want_grad=method.client_trains)
             for c, g, v in zip(clients, res.grads, res.valid_rows):
                 c.backward(g, v)
             losses = [mean_loss(s, v) for s, v in zip(res.loss_sums, res.valid_rows)]

@@ -51,6 +51,8 @@ class MsgType(str, enum.Enum):
     BYE = "bye"
     HEARTBEAT = "heartbeat"
     DONE = "done"
+    HIDDEN = "hidden"  # label-private: the server's last-layer output at the target positions
+    HEAD_GRAD = "head_grad"  # label-private: the client's dL/dH for it
 
 
 ROLES = frozenset({"client", "server", "aggregator", "broker"})
@@ -94,7 +96,7 @@ _META_MAX_DEPTH = 16
 # Most tensors a message of each type may carry, checked before any tensor is decoded:
 # activations and their index tensors, a gradient; adapters (UPLOAD, ADAPTERS) may carry up
 # to ``Limits.max_frames``; every other type carries none.
-MAX_TENSORS = {"forward": 16, "backward": 2}
+MAX_TENSORS = {"forward": 16, "backward": 2, "hidden": 2, "head_grad": 1}
 _MANY_TENSORS = frozenset({"upload", "adapters"})
 
 
@@ -484,12 +486,28 @@ def forward(origin: Origin, round: int, seq: int, rows: Rows) -> Message:
     return _message(origin, MsgType.FORWARD, round, seq, tensors=rows.tensors())
 
 
-def backward(origin: Origin, round: int, seq: int, *, loss_sum: float, valid_rows: int,
+def backward(origin: Origin, round: int, seq: int, *, loss_sum: float | None, valid_rows: int,
              grad: torch.Tensor | None = None) -> Message:
-    """The server's answer to a FORWARD: the sum of the per-row losses over the ``valid_rows``
-    rows that have target tokens (the client divides, once), and ``dL/dS`` when the client trains."""
-    return _message(origin, MsgType.BACKWARD, round, seq, {"loss_sum": loss_sum, "valid_rows": valid_rows},
-                    {"grad": grad} if grad is not None else {})
+    """The server's answer to a FORWARD (label-private: to a HEAD_GRAD): the sum of the per-row
+    losses over the ``valid_rows`` rows that have target tokens (the client divides, once;
+    None in a label-private run, where only the client knows its loss), and ``dL/dS`` when
+    the client trains."""
+    meta = ({"loss_sum": loss_sum} if loss_sum is not None else {}) | {"valid_rows": valid_rows}
+    return _message(origin, MsgType.BACKWARD, round, seq, meta, {"grad": grad} if grad is not None else {})
+
+
+def hidden(origin: Origin, round: int, seq: int, *, hidden: torch.Tensor, ref_hidden: torch.Tensor | None) -> Message:
+    """Label-private: the server's answer to a FORWARD, its last layer's output (before the
+    final norm) at the target positions ``[B, Ty, H]`` of the trained path and, when sent, the
+    reference path."""
+    tensors = {"hidden": hidden} | ({"ref_hidden": ref_hidden} if ref_hidden is not None else {})
+    return _message(origin, MsgType.HIDDEN, round, seq, tensors=tensors)
+
+
+def head_grad(origin: Origin, round: int, seq: int, grad: torch.Tensor) -> Message:
+    """Label-private: the client's ``dL/dH [B, Ty, H]`` for the HIDDEN of this round (the sum of
+    its rows' losses; neither the loss nor any label id goes with it)."""
+    return _message(origin, MsgType.HEAD_GRAD, round, seq, tensors={"grad": grad})
 
 
 def upload(origin: Origin, round: int, seq: int, *, n_samples: int, adapters: dict) -> Message:
@@ -610,14 +628,25 @@ def _reference_tensors(msg: Message, reference: bool | None) -> bool:
     return bool(have)
 
 
-def check_forward(msg: Message, lim: ModelLimits, reference: bool | None = None) -> None:
-    """FORWARD: the row schema's tensors (``lesft.batching.Rows``): ``act [B,T,H]`` float,
-    ``lengths/y_start/y_len [B]`` and ``targets [B,Ty]`` int32/int64, and the reference path
-    ``ref_act [B,T2,H]``, ``ref_lengths/ref_y_start [B]`` (all or none; with ``reference``
-    True all, False none).
+def _label_ids(msg: Message, private: bool | None) -> torch.Tensor | None:
+    """The FORWARD's ``targets``: required in a standard run, refused in a label-private one
+    (``private`` None: either)."""
+    if "targets" in msg.tensors and private:
+        raise _fail(ErrorCode.UNEXPECTED_TENSOR, "forward carries label ids ('targets'), which a label-private run "
+                                                 "never sends: start every party with the same --label-private")
+    if "targets" not in msg.tensors and private is False:
+        raise _fail(ErrorCode.MISSING_TENSOR, "forward needs tensor 'targets' (this run is not --label-private)")
+    return _tensor(msg, "targets", INDEX_DTYPES, 2) if "targets" in msg.tensors else None
 
-    Ranges: 1 <= lengths <= T, 1 <= y_start < lengths, 0 <= y_len <= Ty,
-    y_start + y_len <= lengths (and the same on the reference path), targets in
+
+def check_forward(msg: Message, lim: ModelLimits, reference: bool | None = None, private: bool | None = None) -> None:
+    """FORWARD: the row schema's tensors (``lesft.batching.Rows``): ``act [B,T,H]`` float,
+    ``lengths/y_start/y_len [B]`` and ``targets [B,Ty]`` int32/int64 (with ``private`` True
+    never, False always), and the reference path ``ref_act [B,T2,H]``,
+    ``ref_lengths/ref_y_start [B]`` (all or none; with ``reference`` True all, False none).
+
+    Ranges: 1 <= lengths <= T, 1 <= y_start < lengths, 0 <= y_len <= Ty (without targets:
+    <= T), y_start + y_len <= lengths (and the same on the reference path), targets in
     [0, vocab).
     """
     _expect_type(msg, MsgType.FORWARD)
@@ -629,18 +658,18 @@ def check_forward(msg: Message, lim: ModelLimits, reference: bool | None = None)
     b, t = act.shape[0], act.shape[1]
     lengths, y_start, y_len = (_tensor(msg, k, INDEX_DTYPES, 1)
                                for k in ("lengths", "y_start", "y_len"))
-    targets = _tensor(msg, "targets", INDEX_DTYPES, 2)
+    targets = _label_ids(msg, private)
     for name, x in (("lengths", lengths), ("y_start", y_start), ("y_len", y_len)):
         _expect_shape(name, x, (b,))
-    if targets.shape[0] != b or targets.shape[1] > t:
+    if targets is not None and (targets.shape[0] != b or targets.shape[1] > t):
         raise _fail(ErrorCode.BAD_SHAPE, f"targets {list(targets.shape)} vs act [{b}, {t}, H]")
+    ty = targets.shape[1] if targets is not None else t
     lengths, y_start, y_len = lengths.long(), y_start.long(), y_len.long()
     _in_range(f"lengths must be in 1..{t}", (lengths >= 1) & (lengths <= t))
     _in_range("y_start must be in 1..lengths-1", (y_start >= 1) & (y_start < lengths))
-    _in_range(f"y_len must be in 0..{targets.shape[1]}",
-              (y_len >= 0) & (y_len <= targets.shape[1]))
+    _in_range(f"y_len must be in 0..{ty}", (y_len >= 0) & (y_len <= ty))
     _in_range("y_start + y_len must be <= lengths", y_start + y_len <= lengths)
-    if targets.numel():
+    if targets is not None and targets.numel():
         _in_range(f"targets must be token ids in [0, {lim.vocab_size})",
                   (targets >= 0) & (targets < lim.vocab_size))
     if have_ref:
@@ -656,9 +685,10 @@ def check_forward(msg: Message, lim: ModelLimits, reference: bool | None = None)
         _in_range("ref_y_start + y_len must be <= ref_lengths", ref_start + y_len <= ref_len)
 
 
-def check_backward(msg: Message, expected_shape: tuple[int, ...] | None = None) -> None:
+def check_backward(msg: Message, expected_shape: tuple[int, ...] | None = None, private: bool | None = None) -> None:
     """BACKWARD: optional ``grad [B,T,H]`` float (== `expected_shape`, the sent act's,
-    when given); meta ``loss_sum`` a finite number, ``valid_rows`` an int >= 0."""
+    when given); meta ``loss_sum`` a finite number (absent in a label-private run:
+    ``private`` True), ``valid_rows`` an int >= 0."""
     _expect_type(msg, MsgType.BACKWARD)
     extra = [k for k in msg.tensors if k != "grad"]
     if extra:
@@ -670,9 +700,48 @@ def check_backward(msg: Message, expected_shape: tuple[int, ...] | None = None) 
         if not all_finite(g):
             raise _fail(ErrorCode.NOT_FINITE, "tensor 'grad' holds NaN or Inf")
     loss = msg.meta.get("loss_sum")
-    if not (isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)):
+    owed = not private or "loss_sum" in msg.meta  # a label-private server does not know the loss
+    if owed and not (isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)):
         raise _fail(ErrorCode.BAD_FIELD, f"meta loss_sum={loss!r} is not a finite number")
     _positive_int(msg, "valid_rows", 0)
+
+
+def _check_positions(msg: Message, name: str, lim: ModelLimits | None, shape: tuple[int, int] | None) -> None:
+    """A float ``[B, Ty, H]`` at the target positions: finite, H the model's hidden size, 1 <= B
+    <= max rows and Ty <= max length (``lim``), or exactly ``shape`` = (B, Ty) when known."""
+    x = _tensor(msg, name, FLOAT_DTYPES, 3)
+    if shape is not None and tuple(x.shape[:2]) != tuple(shape):
+        raise _fail(ErrorCode.BAD_SHAPE, f"tensor {name!r} has shape {list(x.shape)}, expected {list(shape)} x hidden")
+    if lim is not None and (x.shape[2] != lim.hidden_size or not 1 <= x.shape[0] <= lim.max_rows
+                            or x.shape[1] > lim.max_length):
+        raise _fail(ErrorCode.BAD_SHAPE, f"tensor {name!r} has shape {list(x.shape)}: the model takes 1..{lim.max_rows}"
+                                         f" rows of at most {lim.max_length} x {lim.hidden_size}")
+    if not all_finite(x):
+        raise _fail(ErrorCode.NOT_FINITE, f"tensor {name!r} holds NaN or Inf")
+
+
+def check_hidden(msg: Message, shape: tuple[int, int] | None = None, reference: bool | None = None) -> None:
+    """HIDDEN: ``hidden [B,Ty,H]`` float, finite (``shape`` = (B, Ty) of the rows asked for,
+    when given) and ``ref_hidden`` alike (with ``reference`` True required, False refused)."""
+    _expect_type(msg, MsgType.HIDDEN)
+    extra = [k for k in msg.tensors if k not in ("hidden", "ref_hidden")]
+    if extra:
+        raise _fail(ErrorCode.UNEXPECTED_TENSOR, f"hidden has unexpected tensors {extra}")
+    _check_positions(msg, "hidden", None, shape)
+    if "ref_hidden" in msg.tensors and reference is False:
+        raise _fail(ErrorCode.UNEXPECTED_TENSOR, "hidden carries the reference path, which this run does not use")
+    if "ref_hidden" in msg.tensors or reference:
+        _check_positions(msg, "ref_hidden", None, tuple(msg.tensors["hidden"].shape[:2]))
+
+
+def check_head_grad(msg: Message, lim: ModelLimits | None) -> None:
+    """HEAD_GRAD: ``grad [B,Ty,H]`` float, finite, within the model's sizes (the server checks
+    it against the HIDDEN it answers when it takes it)."""
+    _expect_type(msg, MsgType.HEAD_GRAD)
+    extra = [k for k in msg.tensors if k != "grad"]
+    if extra:
+        raise _fail(ErrorCode.UNEXPECTED_TENSOR, f"head_grad has unexpected tensors {extra}")
+    _check_positions(msg, "grad", lim, None)
 
 
 def _check_adapter_dict(msg: Message, expected_keys: Mapping[str, tuple] | None) -> None:
@@ -778,14 +847,18 @@ class Knows:
     reference: bool | None = None  # FORWARD: whether this run's method sends the reference path
     adapters: Mapping[str, tuple[int, ...]] | None = None  # UPLOAD / ADAPTERS: names and shapes
     grad_shape: tuple[int, ...] | None = None  # BACKWARD: the shape of the activations it answers
+    private: bool | None = None  # FORWARD / BACKWARD: whether this run is --label-private
+    hidden_shape: tuple[int, int] | None = None  # HIDDEN: (rows, target width) of the FORWARD it answers
 
 
 # One checker per message type, given what the receiver knows.
 CHECKERS: dict[MsgType, Callable[[Message, Knows], None]] = {
     MsgType.HELLO: lambda m, k: check_hello(m),
     MsgType.WELCOME: lambda m, k: check_welcome(m),
-    MsgType.FORWARD: lambda m, k: check_forward(m, k.model, k.reference),
-    MsgType.BACKWARD: lambda m, k: check_backward(m, k.grad_shape),
+    MsgType.FORWARD: lambda m, k: check_forward(m, k.model, k.reference, k.private),
+    MsgType.BACKWARD: lambda m, k: check_backward(m, k.grad_shape, k.private),
+    MsgType.HIDDEN: lambda m, k: check_hidden(m, k.hidden_shape, k.reference),
+    MsgType.HEAD_GRAD: lambda m, k: check_head_grad(m, k.model),
     MsgType.UPLOAD: lambda m, k: check_upload(m, k.adapters),
     MsgType.ACK: lambda m, k: check_ack(m),
     MsgType.ADAPTERS: lambda m, k: check_adapters(m, k.adapters),

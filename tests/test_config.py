@@ -283,3 +283,22 @@ def test_cli_user_error_is_one_line_exit_2(args):
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert "Traceback" not in result.output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "centralized"])
+def test_label_private_is_refused_for_methods_without_a_split_in_one_line(method):
+    with pytest.raises(ConfigError) as info:
+        build_config(cli={"method": method, "label_private": True}, env={})
+    text = str(info.value)
+    assert "\n" not in text and "label_private" in text and "--label-private" in text
+
+
+def test_label_private_is_in_the_fingerprint_and_absent_from_a_standard_runs_parts():
+    from lesft.engine import run_fingerprint
+    from lesft.models import source_for
+
+    standard = build_config(cli={"model": "arch:tiny-qwen2"}, env={})
+    private = standard.replace(label_private=True)
+    fp, parts = run_fingerprint(standard, source_for(standard))
+    fp_private, parts_private = run_fingerprint(private, source_for(private))
+    assert "label_private" not in parts and parts_private["label_private"] is True and fp != fp_private

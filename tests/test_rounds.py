@@ -462,3 +462,35 @@ def test_aggregator_failed_round_refuses_later_uploads_and_fetches():
 def test_aggregator_run_is_complete_once_every_client_said_bye():
     rounds = aggregator()
     assert not rounds.bye(0, 5, "a") and rounds.bye(1, 5, "b")
+
+
+# ------------------------------------------------------------- label-private: two exchanges per request
+
+
+def test_a_running_request_is_held_and_a_second_message_of_it_only_retargets_the_reply():
+    rounds = server()
+    ask(rounds, 0, 0, 5, 0.0)
+    ask(rounds, 1, 0, 6, 0.0)
+    batch = rounds.ready(0.0)  # forwarded; the dL/dH of each comes later
+    assert [q.client for q in batch] == [0, 1] and rounds.holds(0, 0) and not rounds.holds(0, 1)
+    assert ask(rounds, 0, 0, 7, 1.0, to="head-grad-0") is None  # the HEAD_GRAD of client 0
+    assert rounds.ready(1.0) == [] and rounds.verdict(1.0) is None  # nothing runs twice, nothing closes
+    for c in (0, 1):
+        rounds.result(c, 0, f"reply {c}/0", 1.0)
+    _, sent = close(rounds, 1.0)
+    assert [(s.client, s.seq, s.reply_to) for s in sent] == [(0, 7, "head-grad-0"), (1, 6, "env-1")]
+    again = ask(rounds, 0, 0, 8, 2.0, to="head-grad-0-again")  # its reply was lost: the cache answers
+    assert (again.seq, again.reply_to, again.value) == (8, "head-grad-0-again", "reply 0/0")
+
+
+def test_a_running_request_is_given_up_once_the_round_is_overdue_and_the_round_closes_without_it():
+    rounds = server(expected=3, timeout=3.0, min_clients=1)
+    for c in range(3):
+        ask(rounds, c, 0, 5 + c, 0.0)
+    rounds.ready(0.0)
+    assert rounds.abandon(2.0, [1, 2]) == []  # not overdue yet
+    assert rounds.abandon(3.5, [1, 2, 9]) == [1, 2] and not rounds.holds(1, 0) and rounds.holds(0, 0)
+    rounds.result(0, 0, "reply 0/0", 3.6)  # client 0's dL/dH came: its microbatch finishes without 1 and 2
+    verdict, sent = close(rounds, 3.6)
+    assert verdict.failures == (1, 2) and verdict.accepted and [(s.client, s.seq) for s in sent] == [(0, 5)]
+    assert rounds.abandon(10.0, [0]) == []

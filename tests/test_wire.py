@@ -61,7 +61,8 @@ def roundtrip(msg: Message, float_dtype=None, limits=None) -> Message:
 
 @pytest.mark.parametrize("mtype", list(MsgType))
 def test_roundtrip_every_type(mtype):
-    carries = mtype in (MsgType.FORWARD, MsgType.BACKWARD, MsgType.UPLOAD, MsgType.ADAPTERS)
+    carries = mtype in (MsgType.FORWARD, MsgType.BACKWARD, MsgType.UPLOAD, MsgType.ADAPTERS, MsgType.HIDDEN,
+                        MsgType.HEAD_GRAD)
     tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     msg = Message(mtype, "server", -1, "r", 2, 9,
                   {"a": 1, "b": [1.5, "x", None, True], "c": {"d": []}}, tensors if carries else {})
@@ -668,6 +669,8 @@ def constructed() -> dict[MsgType, Message]:
         MsgType.BYE: wire.bye(CLIENT, 11),
         MsgType.HEARTBEAT: wire.heartbeat(SERVER, 5, 7, have=True),
         MsgType.DONE: wire.done(SERVER, 11),
+        MsgType.HIDDEN: wire.hidden(SERVER, 5, 7, hidden=torch.randn(2, 3, 8), ref_hidden=torch.randn(2, 3, 8)),
+        MsgType.HEAD_GRAD: wire.head_grad(CLIENT, 5, 8, torch.randn(2, 3, 8)),
     }
 
 
@@ -678,7 +681,7 @@ def test_every_type_has_a_constructor_and_a_checker():
 @pytest.mark.parametrize("mtype", list(MsgType))
 def test_a_constructors_message_passes_its_checker(mtype):
     msg = constructed()[mtype]
-    knows = wire.Knows(model=LIM, reference=True, adapters=ADAPTER_KEYS, grad_shape=(2, 6, 8))
+    knows = wire.Knows(model=LIM, reference=True, adapters=ADAPTER_KEYS, grad_shape=(2, 6, 8), hidden_shape=(2, 3))
     out = roundtrip(msg)
     assert out.type == mtype and out.meta == msg.meta
     wire.check(out, knows)
@@ -727,3 +730,45 @@ def test_peek_reads_type_sender_and_round_from_the_header_alone():
     assert e.value.code == ErrorCode.BAD_HEADER
     with pytest.raises(WireError):
         wire.peek([])
+
+
+# ------------------------------------------------------------- label-private messages
+
+
+def test_a_label_private_forward_carries_no_label_ids_and_its_server_refuses_any():
+    from lesft.batching import Rows
+    from lesft.private import without_labels
+
+    rows = without_labels(Rows.from_tensors(forward_msg().tensors, torch.zeros(2, dtype=torch.int64)))
+    out = roundtrip(wire.forward(CLIENT, 5, 7, rows))
+    assert "targets" not in out.tensors
+    wire.check(out, wire.Knows(model=LIM, reference=True, private=True))
+    rejects(ErrorCode.MISSING_TENSOR, wire.check, out, wire.Knows(model=LIM, reference=True, private=False))
+    err = rejects(ErrorCode.UNEXPECTED_TENSOR, wire.check, forward_msg(), wire.Knows(model=LIM, private=True))
+    assert "--label-private" in err.text
+
+
+def test_a_label_private_backward_has_no_loss_and_a_standard_one_needs_it():
+    msg = roundtrip(wire.backward(SERVER, 5, 7, loss_sum=None, valid_rows=2, grad=torch.randn(2, 6, 8)))
+    assert "loss_sum" not in msg.meta
+    wire.check(msg, wire.Knows(grad_shape=(2, 6, 8), private=True))
+    rejects(ErrorCode.BAD_FIELD, wire.check, msg, wire.Knows(grad_shape=(2, 6, 8)))
+
+
+@pytest.mark.parametrize("make, knows, code", [
+    (lambda: wire.hidden(SERVER, 5, 7, hidden=torch.randn(2, 4, 8), ref_hidden=None),
+     wire.Knows(hidden_shape=(2, 3)), ErrorCode.BAD_SHAPE),
+    (lambda: wire.hidden(SERVER, 5, 7, hidden=torch.randn(2, 3, 8), ref_hidden=None),
+     wire.Knows(hidden_shape=(2, 3), reference=True), ErrorCode.MISSING_TENSOR),
+    (lambda: wire.hidden(SERVER, 5, 7, hidden=torch.randn(2, 3, 8), ref_hidden=torch.randn(2, 3, 8)),
+     wire.Knows(hidden_shape=(2, 3), reference=False), ErrorCode.UNEXPECTED_TENSOR),
+    (lambda: wire.hidden(SERVER, 5, 7, hidden=torch.randn(2, 3, 8), ref_hidden=torch.randn(2, 2, 8)),
+     wire.Knows(hidden_shape=(2, 3), reference=True), ErrorCode.BAD_SHAPE),
+    (lambda: wire.head_grad(CLIENT, 5, 8, torch.randn(2, 3, 9)), wire.Knows(model=LIM), ErrorCode.BAD_SHAPE),
+    (lambda: wire.head_grad(CLIENT, 5, 8, torch.full((2, 3, 8), float("nan"))), wire.Knows(model=LIM),
+     ErrorCode.NOT_FINITE),
+])
+def test_label_private_checkers_refuse_what_does_not_fit(make, knows, code):
+    msg = make()
+    decoded = decode([bytes(f) for f in encode(msg)], wire.Limits(check_finite=False))
+    rejects(code, wire.check, decoded, knows)

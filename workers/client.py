@@ -17,9 +17,9 @@ from typing import Callable
 
 import zmq
 
-from lesft import checkpoint, wire
+from lesft import checkpoint, private, wire
 from lesft.config import Config
-from lesft.engine import ClientParty, run_fingerprint
+from lesft.engine import ClientParty, run_fingerprint, sends_reference
 from lesft.export import adapter_meta
 from lesft.methods import get_method
 from lesft.metrics import mean_loss
@@ -226,10 +226,32 @@ class Client(Worker):
     def send_forward(self, r: int) -> None:
         """Client forward of round r, sent without waiting (its graph waits in the party)."""
         rows = self.party.forward(r)
+        if self.cfg.model.label_private:
+            return self.train_round_private(r, rows)
         knows = wire.Knows(grad_shape=tuple(rows.act.shape) if self.method.client_trains else None)
         if self.inflight.sent:
             self.meter.count("forwards_ahead")  # sent while an earlier round is still awaited
         self.inflight.send(wire.forward(self.origin, r, self.next_seq(), rows), {MsgType.BACKWARD}, knows)
+
+    def train_round_private(self, r: int, rows) -> float:
+        """A label-private round: FORWARD without label ids -> HIDDEN (the server layers' output
+        at the target positions) -> this client's loss and dL/dH -> HEAD_GRAD -> BACKWARD. A
+        round the server answered already (this client restarted) gets its BACKWARD at once."""
+        grad_shape = tuple(rows.act.shape) if self.method.client_trains else None
+        knows = wire.Knows(grad_shape=grad_shape, private=True, reference=sends_reference(self.method, self.cfg),
+                           hidden_shape=(len(rows), private.width(rows)))
+        sent = private.without_labels(rows)
+        dtype = self.cfg.net.wire_dtype
+        reply = self.ask(self.server, lambda seq: wire.forward(self.origin, r, seq, sent),
+                         {MsgType.HIDDEN, MsgType.BACKWARD}, float_dtype=dtype, knows=knows)
+        loss = float("nan")  # a round answered before a restart: its loss went with the lost process
+        if reply.type == MsgType.HIDDEN:
+            tl, grad = private.client_loss(self.party, r, reply.tensors["hidden"], reply.tensors.get("ref_hidden"))
+            loss = float(tl.loss.detach())
+            reply = self.ask(self.server, lambda seq: wire.head_grad(self.origin, r, seq, grad), {MsgType.BACKWARD},
+                             float_dtype=dtype, knows=knows)
+        self.party.backward(reply.tensors.get("grad"), reply.meta["valid_rows"])
+        return loss
 
     # ------------------------------------------------------------------ aggregation
 

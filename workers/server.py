@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from lesft import checkpoint, wire
+from lesft import checkpoint, private, wire
 from lesft.config import Config
 from lesft.engine import ServerParty, run_fingerprint, sends_reference
 from lesft.lora import save_adapters
@@ -22,7 +22,7 @@ from lesft.methods import get_method
 from lesft.metrics import RoundTally
 from lesft.models import source_for
 from lesft.export import adapter_meta, combine_run
-from lesft.rounds import Policy, Request, Rounds, Send, Verdict, Welcome
+from lesft.rounds import STALE_ROUND, Policy, Refused, Request, Rounds, Send, Verdict, Welcome
 from lesft.runs import SERVER_FILE, mark_run
 from lesft.schedule import client_sizes, is_step_round, total_rounds
 from lesft.wire import ErrorCode, Message, MsgType, WireError
@@ -43,7 +43,9 @@ class Server(Worker):
         c = self.source.config
         limits = wire.ModelLimits(hidden_size=int(c.hidden_size), max_length=cfg.data.max_length,
                                   max_rows=cfg.train.batch_size, vocab_size=int(c.vocab_size))
-        self.knows = wire.Knows(model=limits, reference=sends_reference(self.method, cfg))
+        self.knows = wire.Knows(model=limits, reference=sends_reference(self.method, cfg),
+                                private=cfg.model.label_private)
+        self.held = private.Held()  # label-private microbatches waiting for their dL/dH
         self.expected = cfg.data.clients
         self.rounds = Rounds(Policy.from_config(cfg), functools.partial(total_rounds, cfg),
                              depth=cfg.train.pipeline_depth, batch_wait_s=cfg.net.microbatch_wait_ms / 1000,
@@ -116,8 +118,11 @@ class Server(Worker):
 
     @property
     def handlers(self) -> dict:
-        return {MsgType.HELLO: self.on_hello, MsgType.FORWARD: self.on_forward,
-                MsgType.HEARTBEAT: self.on_heartbeat, MsgType.BYE: self.on_bye}
+        handlers = {MsgType.HELLO: self.on_hello, MsgType.FORWARD: self.on_forward,
+                    MsgType.HEARTBEAT: self.on_heartbeat, MsgType.BYE: self.on_bye}
+        if self.cfg.model.label_private:
+            handlers[MsgType.HEAD_GRAD] = self.on_head_grad
+        return handlers
 
     def dispatch(self, inbound: Inbound) -> None:
         self.serve(self.chan, inbound, self.handlers, self.sessions)
@@ -128,7 +133,7 @@ class Server(Worker):
             self.chan.send(wire.welcome(self.origin, out.seq, rounds=self.rounds.total, round=self.rounds.current,
                                         clients=self.expected), out.reply_to)
             return
-        v = out.value
+        v = out.value  # label-private: loss_sum is None, the server does not know the loss
         reply = wire.backward(self.origin, out.round, out.seq, loss_sum=v["loss_sum"], valid_rows=v["valid_rows"],
                               grad=v["grad"])
         self.chan.send(reply, out.reply_to, v["dtype"])
@@ -169,6 +174,35 @@ class Server(Worker):
         cached = self.rounds.request(Request(msg.sender, msg.round, msg.seq, inbound.envelope, msg, time.monotonic()))
         if cached is not None:
             self.send(cached)
+        elif (held := self.held.hidden(msg.sender, msg.round)) is not None:  # label-private: HIDDEN lost
+            self.send_hidden(msg.sender, msg.round, msg.seq, inbound.envelope, held)
+
+    def on_head_grad(self, inbound: Inbound, msg: Message) -> None:
+        """Label-private: a client's dL/dH for the HIDDEN of its round. Taken by the round engine
+        like a repeat of its FORWARD (the reply, BACKWARD, goes to this seq; a repeat of an
+        answered one gets it from the cache); the microbatch is backpropagated once every part
+        has its gradient."""
+        c, r = msg.sender, msg.round
+        if (c, r) not in self.rounds.cache and not self.rounds.holds(c, r):
+            raise Refused(STALE_ROUND, f"no forward of round {r} is held here (the server restarted, or the round "
+                                       "went on without this client): send the round again",
+                          server_round=max(r, self.rounds.current))
+        cached = self.rounds.request(Request(c, r, msg.seq, inbound.envelope, msg, time.monotonic()))
+        if cached is not None:
+            self.send(cached)
+        elif self.held.waiting(c, r):  # else its microbatch is done: the reply comes when the round closes
+            try:
+                ready = self.held.give(c, r, msg.tensors["grad"])
+            except ValueError as e:
+                raise WireError(ErrorCode.BAD_SHAPE, str(e)) from None
+            if ready is not None:
+                self.finish_private(*ready)
+
+    def send_hidden(self, client: int, r: int, seq: int, reply_to: list, tensors: tuple) -> None:
+        """Label-private: the server layers' output at a client's target positions."""
+        hidden, ref = tensors
+        self.chan.send(wire.hidden(self.origin, r, seq, hidden=hidden, ref_hidden=ref), reply_to,
+                       self.cfg.net.wire_dtype)
 
     def on_bye(self, inbound: Inbound, msg: Message) -> None:
         if self.rounds.bye(msg.sender, msg.seq, inbound.envelope):
@@ -184,6 +218,11 @@ class Server(Worker):
         if skipped:
             self.log.warning("clients are at round %d, the server at %d (resumed from an older checkpoint): "
                              "skipping rounds %d..%d", skipped.stop, skipped.start, skipped.start, skipped.stop - 1)
+        r = self.rounds.current
+        for client in self.rounds.abandon(now, self.held.missing(r)):  # label-private: its dL/dH never came
+            self.log.warning("round %d: no dL/dH from client %d in time: going on without it", r, client)
+            if (ready := self.held.give(client, r, None)) is not None:
+                self.finish_private(*ready)
         if batch := self.rounds.ready(now):
             self.process(batch)
         if verdict := self.rounds.verdict(time.monotonic()):
@@ -193,12 +232,34 @@ class Server(Worker):
         """Run one microbatch; each client's reply waits in the engine until its round closes."""
         msgs = [q.payload for q in batch]
         parts = [self.party.rows(m.tensors, m.sender, m.round) for m in msgs]
+        if self.cfg.model.label_private:
+            self.forward_private(batch, parts)
+            return
         res = self.party.process(parts, want_grad=self.method.client_trains)
         for m, grad, loss_sum, valid in zip(msgs, res.grads, res.loss_sums, res.valid_rows):
             reply = {"loss_sum": loss_sum, "valid_rows": valid, "grad": grad,
                      "dtype": wire.wire_name(m.tensors["act"].dtype)}  # the reply goes back in the request's dtype
             self.rounds.result(m.sender, m.round, reply, time.monotonic())
         self.tally.add(parts, res)
+
+    def forward_private(self, batch: list[Request], parts: list) -> None:
+        """Label-private: run the microbatch up to the last server layer, send each client its
+        HIDDEN now; the graph waits in ``self.held`` for their dL/dH."""
+        held = private.server_forward(self.party, parts, want_grad=self.method.client_trains)
+        self.held.add(held, [(q.client, q.round) for q in batch])
+        for q, tensors in zip(batch, held.hidden):
+            self.send_hidden(q.client, q.round, q.seq, q.reply_to, tensors)
+
+    def finish_private(self, held: private.HeldForward, grads: list) -> None:
+        """Label-private: backpropagate a microbatch's dL/dH; each client's BACKWARD (dL/dS, no
+        loss: only the client knows it) waits in the engine until its round closes."""
+        res = private.server_backward(self.party, held, grads)
+        now = time.monotonic()
+        for (client, r), part, grad, valid, given in zip(held.keys, held.parts, res.grads, res.valid_rows, grads):
+            if given is not None:
+                reply = {"loss_sum": None, "valid_rows": valid, "grad": grad, "dtype": wire.wire_name(part.act.dtype)}
+                self.rounds.result(client, r, reply, now)
+        self.tally.add(held.parts, res)
 
     def close_round(self, verdict: Verdict) -> None:
         """Step at the end of a window, checkpoint, then release the round's replies: after the

@@ -1,0 +1,110 @@
+"""Tests for lesft.private (label-private rounds), in process on the tiny Qwen2 preset:
+the round cut after the server's last layer gives the adapters of the standard round (the
+loss on the server), for lesft, splitlora and a loss variant; the client's head is its
+embedding where the model ties them; the server holds no head; the server's wait for
+dL/dH (``Held``) hands a microbatch over once every part has its gradient or was given up."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lesft import private
+from lesft.batching import Rows
+from lesft.config import build_config
+from lesft.engine import ClientParty, ServerParty
+from lesft.methods import get_method
+from lesft.models import source_for
+from lesft.split import ClientTail
+from lesft.trainer import client_shards, train_inprocess
+
+MODEL = "arch:tiny-qwen2"
+
+
+def make_config(tmp_path, method: str, label_private: bool, **over):
+    cli = dict(model=MODEL, runs_dir=str(tmp_path), run_id=f"{method}-{label_private}", rounds=4, lr=1e-2,
+               method=method, clients=2, samples_per_client=4, max_length=64, grad_accum=1, aggregate_every=2,
+               label_private=label_private)
+    return build_config(cli=cli | over, env={})
+
+
+def relative_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-30)) for k in a)
+
+
+@pytest.mark.parametrize("method, over", [("lesft", {}), ("splitlora", {}), ("lesft", {"loss": "kd"}),
+                                          ("sl", {"microbatch_max_padding": 0.0}),
+                                          ("lesft", {"model": "arch:tiny-llama"})])  # an untied head
+def test_label_private_training_gives_the_standard_adapters(tmp_path, method, over):
+    # Execute: the same run with the loss on the server, then on the clients
+    standard = train_inprocess(make_config(tmp_path, method, False, **over))
+    private_run = train_inprocess(make_config(tmp_path, method, True, **over))
+
+    # Assert: the adapters moved, and equally (the order of operations is the standard one's)
+    assert standard.server.keys() == private_run.server.keys()
+    assert relative_diff(standard.server, private_run.server) <= 1e-6
+    for c in standard.clients:
+        assert relative_diff(standard.clients[c], private_run.clients[c]) <= 1e-6
+    assert any(float(v.abs().max()) > 0 for k, v in private_run.server.items() if "lora_B" in k)
+    losses = [r["loss"] for r in private_run.history]
+    assert losses == pytest.approx([r["loss"] for r in standard.history], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def parties():
+    cfg = build_config(cli=dict(model=MODEL, method="lesft", clients=1, samples_per_client=2, max_length=64,
+                                label_private=True), env={})
+    source = source_for(cfg)
+    tok = source.load_tokenizer()
+    client = ClientParty(cfg, source, get_method("lesft"), 0, client_shards(cfg, tok)[0], tok)
+    return cfg, client, ServerParty(cfg, source, get_method("lesft"))
+
+
+def test_the_head_stays_on_the_client_and_is_its_embedding_when_tied(parties):
+    cfg, client, server = parties
+    assert source_for(cfg).config.tie_word_embeddings
+    assert client.tail.lm_head.weight is client.part.body.embed_tokens.weight
+    untied = cfg.replace(model="arch:tiny-llama")
+    tail = ClientTail(source_for(untied), embedding=client.part.body.embed_tokens)
+    assert tail.lm_head.weight is not client.part.body.embed_tokens.weight
+    names = [n for n, _ in server.part.named_parameters()]
+    assert not any("lm_head" in n or n.endswith("norm.weight") and ".layers." not in n for n in names)
+
+
+def test_a_label_free_round_sends_no_label_ids_and_the_client_gets_dL_dS(parties):
+    cfg, client, server = parties
+    rows = client.forward(0)
+    sent = private.without_labels(rows)
+    assert sent.targets is None and "targets" not in sent.tensors()
+    held = server.rows({k: v for k, v in sent.tensors().items()}, 0, 0)
+    forward = private.server_forward(server, [held], want_grad=True)
+    hidden, ref = forward.hidden[0]
+    assert hidden.shape == (len(rows), private.width(rows), server.part.config.hidden_size) == ref.shape
+    tl, grad = private.client_loss(client, 0, hidden, ref)
+    assert grad.shape == hidden.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    res = private.server_backward(server, forward, [grad])
+    assert res.grads[0].shape == rows.act.shape and res.grads[0].abs().sum() > 0
+    assert res.valid_rows == [int((rows.y_len > 0).sum())]
+    server.discard_window()
+    client.pending = None
+
+
+def _rows(n: int, width: int) -> Rows:
+    return Rows(act=torch.zeros(n, 5, 4), lengths=torch.full((n,), 5), y_start=torch.ones(n, dtype=torch.long),
+                targets=None, y_len=torch.full((n,), width), keys=torch.zeros(n, dtype=torch.long))
+
+
+def test_held_forwards_wait_for_every_gradient_or_a_give_up():
+    held = private.HeldForward([_rows(1, 2), _rows(2, 3)], [], [(torch.zeros(1, 2, 4), None),
+                                                               (torch.zeros(2, 3, 4), None)], True)
+    book = private.Held()
+    book.add(held, [(0, 7), (1, 7)])
+    assert book.waiting(0, 7) and book.hidden(1, 7)[0].shape == (2, 3, 4) and book.missing(7) == [0, 1]
+    with pytest.raises(ValueError, match="shape"):
+        book.give(0, 7, torch.zeros(1, 3, 4))
+    assert book.give(0, 7, torch.ones(1, 2, 4)) is None
+    assert book.give(0, 7, torch.ones(1, 2, 4)) is None  # a repeat replaces it
+    assert book.waiting(1, 7) and book.missing(7) == [1]
+    done, grads = book.give(1, 7, None)  # client 1 given up: the microbatch goes on without it
+    assert done is held and grads[1] is None and torch.equal(grads[0], torch.ones(1, 2, 4))
+    assert not book.waiting(0, 7) and book.hidden(0, 7) is None
