@@ -205,6 +205,8 @@ class Client(Worker):
         pipeline depth) out, its BACKWARD in, its backward; returns its mean loss."""
         if self.server is None:
             return float(self.party.local_step(r).loss.detach())
+        if self.cfg.model.label_private:  # lock-step (the config refuses a deeper pipeline)
+            return self.train_round_private(r, self.party.forward(r))
         for x in self.rounds_to_send(r, rounds):
             self.send_forward(x)
         reply = self.inflight.wait(r)
@@ -226,8 +228,6 @@ class Client(Worker):
     def send_forward(self, r: int) -> None:
         """Client forward of round r, sent without waiting (its graph waits in the party)."""
         rows = self.party.forward(r)
-        if self.cfg.model.label_private:
-            return self.train_round_private(r, rows)
         knows = wire.Knows(grad_shape=tuple(rows.act.shape) if self.method.client_trains else None)
         if self.inflight.sent:
             self.meter.count("forwards_ahead")  # sent while an earlier round is still awaited
