@@ -12,7 +12,7 @@ RUN_ID     := demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast e2e venv clean
+.PHONY: demo test test-fast test-slow e2e venv clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	LESFT_RUN_SLOW=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 e2e: venv
 	$(PY) -m pytest -q -m e2e $(PYTEST_ARGS)

@@ -25,6 +25,7 @@ def shaped_forwards(run_dir) -> int:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # two full overhead runs: ~2 min (make test-slow)
 def test_overhead_table_for_lesft_fp32_and_bf16(tmp_path):
     invoke("bench", "overhead", *TINY, "--methods", "lesft", "--wire-dtypes", "fp32,bf16", "--warmup", "1",
            "--link-latency-ms", "1", "--out", str(tmp_path), "--runs-dir", str(tmp_path))

@@ -23,9 +23,7 @@ WARMUP = 5
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("LESFT_RUN_SLOW") != "1",
-                       reason="32 worker processes take minutes on a small machine: set LESFT_RUN_SLOW=1"),
+    pytest.mark.slow,  # 32 worker processes take minutes on a small machine (tests/conftest.py)
 ]
 
 

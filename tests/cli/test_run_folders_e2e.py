@@ -136,7 +136,6 @@ def _survivors(pids: list[int], deadline: float) -> list[int]:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_sigterm_of_lesft_train_stops_every_worker_and_marks_the_run_incomplete(tmp_path):
     proc, _, out = _kill_mid_run(tmp_path, signal.SIGTERM)
     assert proc.returncode == 130 and "interrupted at round" in out and "of 400; partial run in runs/k" in out, out
@@ -148,7 +147,6 @@ def test_sigterm_of_lesft_train_stops_every_worker_and_marks_the_run_incomplete(
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_sigkill_of_lesft_train_stops_every_worker(tmp_path):
     proc, _, _ = _kill_mid_run(tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL

@@ -88,7 +88,8 @@ def _insider(ctx: zmq.Context, cfg, address: str) -> zmq.Socket:
     return sock
 
 
-@pytest.mark.parametrize("curve_on", [False, True], ids=["plaintext", "curve"])
+@pytest.mark.parametrize("curve_on", [False, pytest.param(True, marks=pytest.mark.slow)],  # curve: make test-slow
+                         ids=["plaintext", "curve"])
 def test_hostile_peers_change_nothing(tmp_path, e2e_cfg, live_run, reference_adapters, curve_on):
     keys = ""
     if curve_on:

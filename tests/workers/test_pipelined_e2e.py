@@ -45,7 +45,8 @@ def counter(record: dict, name: str) -> int:
 DEPTHS = {0: 2, 1: 4}  # client -> its --pipeline-depth (the server takes 4): both depths in one run
 
 
-@pytest.mark.parametrize("method", ["lesft", "splitlora", "splitfrozen"])
+@pytest.mark.parametrize("method", ["lesft", pytest.param("splitlora", marks=pytest.mark.slow),  # make test-slow
+                                    pytest.param("splitfrozen", marks=pytest.mark.slow)])
 def test_pipelined_run_reproduces_the_inprocess_trainer(tmp_path, method, live_run):
     # Prepare
     expected = train_inprocess(make_config(tmp_path, method, 1, "inprocess"))
