@@ -237,9 +237,8 @@ class Server(Worker):
             return
         res = self.party.process(parts, want_grad=self.method.client_trains)
         for m, grad, loss_sum, valid in zip(msgs, res.grads, res.loss_sums, res.valid_rows):
-            reply = {"loss_sum": loss_sum, "valid_rows": valid, "grad": grad,
-                     "dtype": wire.wire_name(m.tensors["act"].dtype)}  # the reply goes back in the request's dtype
-            self.rounds.result(m.sender, m.round, reply, time.monotonic())
+            self.rounds.result(m.sender, m.round, backward_reply(loss_sum, valid, grad, m.tensors["act"]),
+                               time.monotonic())
         self.tally.add(parts, res)
 
     def forward_private(self, batch: list[Request], parts: list) -> None:
@@ -257,8 +256,7 @@ class Server(Worker):
         now = time.monotonic()
         for (client, r), part, grad, valid, given in zip(held.keys, held.parts, res.grads, res.valid_rows, grads):
             if given is not None:
-                reply = {"loss_sum": None, "valid_rows": valid, "grad": grad, "dtype": wire.wire_name(part.act.dtype)}
-                self.rounds.result(client, r, reply, now)
+                self.rounds.result(client, r, backward_reply(None, valid, grad, part.act), now)
         self.tally.add(held.parts, res)
 
     def close_round(self, verdict: Verdict) -> None:
@@ -307,3 +305,9 @@ class Server(Worker):
             self.done_at = time.monotonic()
         for envelope, seq in self.rounds.byes.values():
             self.chan.send(wire.done(self.origin, seq), envelope)
+
+
+def backward_reply(loss_sum: float | None, valid: int, grad, act) -> dict:
+    """What the round engine keeps for a client's BACKWARD: its sums, dL/dS, and the wire dtype
+    of the request's activations (the reply goes back in the dtype it came in)."""
+    return {"loss_sum": loss_sum, "valid_rows": valid, "grad": grad, "dtype": wire.wire_name(act.dtype)}
