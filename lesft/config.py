@@ -302,9 +302,6 @@ class Config:
         if self.model.label_private and not METHODS[self.train.method].split:
             raise ConfigError(f"label_private applies to the split methods; method {self.train.method} holds the whole "
                               "model on each client already: drop --label-private or use a split method (e.g. --method lesft).")
-        if self.model.label_private and self.train.pipeline_depth > 1:
-            raise ConfigError(f"pipeline_depth={self.train.pipeline_depth} with label_private: label-private rounds run "
-                              "lock-step in this version; use --pipeline-depth 1 or drop --label-private.")
         if self.loss.loss != "lesft" or self.loss.ref_teacher != "live":
             method = METHODS[self.train.method]
             if method.loss != "lesft":

@@ -3,8 +3,10 @@
 What is pinned:
 - a run with one client at depth 2 and one at depth 4 reproduces the in-process trainer
   bit for bit (which the depth-1 run does too, ``test_methods_e2e.py``), for ``lesft``,
-  ``splitlora`` and ``splitfrozen`` (forwards only): the clients really send rounds
-  ahead, yet every accumulation window drains before the step, and nothing is sent twice;
+  ``splitlora`` and ``splitfrozen`` (forwards only), and label-private (``lesft``,
+  ``splitlora``: two exchanges a round, the next rounds' FORWARDs in flight meanwhile): the
+  clients really send rounds ahead, yet every accumulation window drains before the step,
+  and nothing is sent twice;
 - (slow) a pipelined client SIGKILLed mid-window and restarted, then the server SIGKILLed
   mid-window and restarted with ``--resume``, end with the undisturbed run's adapters:
   the restarted client sends its rounds in flight again and the server answers the
@@ -30,11 +32,11 @@ pytestmark = pytest.mark.e2e
 ROUNDS = 8  # two accumulation windows of 4
 
 
-def make_config(root: Path, method: str, depth: int, run_id: str):
+def make_config(root: Path, method: str, depth: int, run_id: str, label_private: bool = False):
     return build_config(cli=dict(model="arch:tiny-qwen2", method=method, runs_dir=str(root), run_id=run_id,
                                  rounds=ROUNDS, clients=2, samples_per_client=4, max_length=64, lr=1e-2,
                                  grad_accum=4, aggregate_every=4, microbatch_wait_ms=60000, device="cpu",
-                                 done_linger_s=0.5, pipeline_depth=depth),
+                                 done_linger_s=0.5, pipeline_depth=depth, label_private=label_private),
                         env={})
 
 
@@ -45,12 +47,14 @@ def counter(record: dict, name: str) -> int:
 DEPTHS = {0: 2, 1: 4}  # client -> its --pipeline-depth (the server takes 4): both depths in one run
 
 
-@pytest.mark.parametrize("method", ["lesft", pytest.param("splitlora", marks=pytest.mark.slow),  # make test-slow
-                                    pytest.param("splitfrozen", marks=pytest.mark.slow)])
-def test_pipelined_run_reproduces_the_inprocess_trainer(tmp_path, method, live_run):
+@pytest.mark.parametrize("method, label_private", [
+    ("lesft", False), pytest.param("splitlora", False, marks=pytest.mark.slow),  # make test-slow
+    pytest.param("splitfrozen", False, marks=pytest.mark.slow),
+    ("lesft", True), pytest.param("splitlora", True, marks=pytest.mark.slow)])  # two legs a round
+def test_pipelined_run_reproduces_the_inprocess_trainer(tmp_path, method, label_private, live_run):
     # Prepare
-    expected = train_inprocess(make_config(tmp_path, method, 1, "inprocess"))
-    run = live_run(make_config(tmp_path, method, 4, "pipelined"), start=False)
+    expected = train_inprocess(make_config(tmp_path, method, 1, "inprocess", label_private))
+    run = live_run(make_config(tmp_path, method, 4, "pipelined", label_private), start=False)
     for role, wid in roles_for(run.cfg):
         run.start(role, wid, ["--pipeline-depth", str(DEPTHS[wid])] if role == "client" else [])
 
