@@ -244,8 +244,9 @@ class Client(Worker):
         knows = wire.Knows(grad_shape=tuple(rows.act.shape) if self.method.client_trains else None)
         expect = {MsgType.BACKWARD}
         if self.cfg.model.label_private:
+            w, w_ref = private.widths(rows, everywhere=self.cfg.model.client_tail_layers > 0)
             knows = replace(knows, private=True, reference=sends_reference(self.method, self.cfg),
-                            hidden_shape=(len(rows), private.width(rows)))
+                            hidden_shape=(len(rows), w), ref_hidden_shape=(len(rows), w_ref))
             rows, expect = private.without_labels(rows), {MsgType.HIDDEN, MsgType.BACKWARD}
         if self.inflight.sent:
             self.meter.count("forwards_ahead")  # sent while an earlier round is still awaited
@@ -260,14 +261,14 @@ class Client(Worker):
         return self.inflight.wait(r), float(tl.loss.detach())
 
     def forward_lost(self, r: int, e: WireError) -> None:
-        """A HEAD_GRAD refused because the server holds no forward of round r: it restarted
-        and lost what it held, so round r goes again from its FORWARD (the same rows: nothing
-        of it reached this client's gradients yet). A server that went on without this client
-        (a straggler) re-raises, for :meth:`catch_up`."""
+        """A HEAD_GRAD refused because the server holds no forward of round r while the round is
+        still open (it restarted, or gave up waiting for this HEAD_GRAD): round r goes again from
+        its FORWARD (the same rows: nothing of it reached this client's gradients yet), with the
+        server's reason in one line. A round that went on without this client (a straggler)
+        re-raises, for :meth:`catch_up`."""
         if e.code != ErrorCode.STALE_ROUND or int(getattr(e, "meta", {}).get("server_round", r + 1)) > r:
             raise e
-        self.log.warning("round %d: the server no longer holds this round's forward (it restarted): "
-                         "sending the round again", r)
+        self.log.warning("round %d: %s; sending the round again", r, e.text)
         self.meter.count("rounds_resent")
 
     # ------------------------------------------------------------------ aggregation
