@@ -11,6 +11,11 @@ A round has two exchanges instead of one:
    ``dL/dH`` (:func:`client_loss`); the server backpropagates it through its layers and
    returns ``dL/dS`` (:func:`server_backward`), which the client finishes as in a standard round.
 
+With ``--client-tail-layers n`` the client keeps the last n decoder layers too: the server
+runs layers ``k..L-n-1`` and returns their output at *every* position of both paths
+(``[B, T, H]``: the tail layers attend over the sequence), and the client runs its layers
+(with LoRA, dropout keyed as the server would) before the norm and the head.
+
 The maths is the standard round's, cut at another place: the same gathers, the same loss
 code, the same "sums and counts" (the server counts the rows with target tokens from
 ``y_len``; the loss sums never leave the client). The in-process trainer and the workers

@@ -6,6 +6,8 @@ With ``--pipeline-depth D`` the FORWARDs of up to D rounds of the current accumu
 window are in flight at once (the next round's forward runs while the server answers this
 one); backwards run in round order, and the pipeline drains at the window's end, before
 the step and the aggregation, so every forward uses the weights it uses at depth 1.
+Label-private (``--label-private``), a round has two legs, FORWARD -> HIDDEN and
+HEAD_GRAD -> BACKWARD, and the later rounds' FORWARDs stay in flight across both.
 Text and the tokenizer never leave this process: the server sees activations and ids.
 """
 
