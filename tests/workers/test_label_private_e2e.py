@@ -14,7 +14,8 @@ What is pinned:
   the adapters of an undisturbed run (slow);
 - a straggler between its two exchanges (its HEAD_GRAD of one round never reaches the
   server) is given up after ``--straggler-timeout-s``: the round closes with the other
-  client alone, the straggler continues at the next round, the run finishes (slow).
+  client alone (and the next few, until the straggler hears of it), the straggler
+  continues where the server is, the run finishes (slow).
 """
 from __future__ import annotations
 
@@ -63,7 +64,6 @@ class RecordingBroker(threading.Thread):
         super().__init__(daemon=True)
         self.frontend, self.backend, self.drop = frontend, backend, drop
         self.to_server: list[list[bytes]] = []
-        self.dropped = 0
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -82,7 +82,6 @@ class RecordingBroker(threading.Thread):
                     body = wire.split_envelope(frames)[1]
                     self.to_server.append(body)
                     if self.drop is not None and self.drop(msgpack.unpackb(body[0], raw=False)):
-                        self.dropped += 1
                         continue
                     back.send_multipart([SERVER_ROUTING_ID, *frames])
                 if back in events:
