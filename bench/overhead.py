@@ -162,11 +162,11 @@ def split_directions(clients: Sequence[PartyEpoch]) -> dict:
 
 
 def run_method(cfg: Config, method: str, warmup: int, out_dir: Path, wire_dtype: str, timeout_s: float,
-               tag: str = "", label_private: bool = False) -> Path:
+               tag: str = "", label_private: bool = False, tail_layers: int = 0) -> Path:
     per_epoch = rounds_per_epoch(cfg.data.samples_per_client, cfg.train.batch_size)
     run_id = f"{method}{tag}"
     c = cfg.replace(method=method, rounds=warmup + per_epoch, run_id=run_id, runs_dir=str(out_dir / "runs"),
-                    wire_dtype=wire_dtype, label_private=label_private)
+                    wire_dtype=wire_dtype, label_private=label_private, client_tail_layers=tail_layers)
     launch(c, timeout_s=timeout_s)
     return out_dir / "runs" / run_id
 
@@ -268,19 +268,21 @@ def overhead_command(
     cfg_private = cfg.model.label_private
     if cfg_private:  # beside every split method's standard row
         plan += [(m, dt, True) for m, dt, _ in plan if get_method(m).split]
-    cfg = cfg.replace(label_private=False)  # each run says its own; the baselines refuse it
+    tail = cfg.model.client_tail_layers  # the label-private runs of methods whose client trains keep them
+    cfg = cfg.replace(label_private=False, client_tail_layers=0)  # each run says its own; the baselines refuse it
     for i, (m, dt, lp) in enumerate(plan):
-        what = f"{dt} wire{', label-private' if lp else ''}"
+        tail_layers = tail if lp and get_method(m).client_trains else 0
+        what = f"{dt} wire{', label-private' if lp else ''}{f', {tail_layers} tail layers' if tail_layers else ''}"
         console.print(f"[bold]{i + 1}/{len(plan)}[/] {get_method(m).label} ({what}) on {source.label} ...")
         run_dir = run_method(cfg, m, warmup, out_dir, dt, timeout, tag=f"-{dt}" + ("-private" if lp else ""),
-                             label_private=lp)
+                             label_private=lp, tail_layers=tail_layers)
         row = measure(run_dir, m, warmup, hidden, device, cfg.data.clients)
         row.update(row=f"{m}@{dt}" + ("+private" if lp else ""), wire_dtype=dt if get_method(m).split else "-",
                    run_dir=str(run_dir), label_private=lp)
         if m == "lesft" and len(dtypes) > 1:
             row["label"] += f" [{dt}]"
         if lp:
-            row["label"] += " [label-private]"
+            row["label"] += f" [label-private, tail {tail_layers}]" if tail_layers else " [label-private]"
         rows.append(row)
     info = machine_info()
     title = (f"Table 2 on {source.label}: {cfg.data.clients} clients x {cfg.data.samples_per_client} samples, "

@@ -43,10 +43,15 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata={"help": "parameter dtype of the base weights: float32|bfloat16"})
     cache_dir: str = field(default="", metadata={"help": "where the embedded model is cached (default ~/.cache/lesft)"})
     label_private: bool = field(default=False, metadata={"help": "keep the final norm, the LM head and the loss on the client: the server never receives label ids (split methods)"})
+    client_tail_layers: int = field(default=0, metadata={"help": "with --label-private: the client keeps the last n decoder layers too (the server then returns its last layer's output at every position)"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.split_ratio < 1.0:
             raise ConfigError(f"split_ratio={self.split_ratio} is not valid: use a fraction in (0, 1), e.g. --split-ratio 0.25.")
+        _positive("client_tail_layers", self.client_tail_layers, zero_ok=True)
+        if self.client_tail_layers and not self.label_private:
+            raise ConfigError(f"client_tail_layers={self.client_tail_layers} applies to label-private runs: add "
+                              "--label-private or drop --client-tail-layers.")
         from lesft.wire import MODEL_DTYPES  # imports torch: only once a config is checked
 
         _one_of("dtype", self.dtype, tuple(MODEL_DTYPES))
@@ -302,9 +307,10 @@ class Config:
         if self.model.label_private and not METHODS[self.train.method].split:
             raise ConfigError(f"label_private applies to the split methods; method {self.train.method} holds the whole "
                               "model on each client already: drop --label-private or use a split method (e.g. --method lesft).")
-        if self.model.label_private and self.train.pipeline_depth > 1:
-            raise ConfigError(f"pipeline_depth={self.train.pipeline_depth} with label_private: label-private rounds run "
-                              "lock-step in this version; use --pipeline-depth 1 or drop --label-private.")
+        if self.model.client_tail_layers and not METHODS[self.train.method].client_trains:
+            raise ConfigError(f"client_tail_layers={self.model.client_tail_layers}: method {self.train.method} trains no "
+                              "client layer, so tail layers kept there would stay untrained: drop --client-tail-layers "
+                              "or use a method whose client trains (e.g. --method lesft).")
         if self.loss.loss != "lesft" or self.loss.ref_teacher != "live":
             method = METHODS[self.train.method]
             if method.loss != "lesft":

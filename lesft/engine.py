@@ -28,7 +28,7 @@ from lesft.methods import Method
 from lesft.metrics import Meter, merge_token_means
 from lesft.models import ModelSource
 from lesft.schedule import rounds_per_epoch
-from lesft.split import ClientModel, ClientTail, FullModel, ServerModel, split_point
+from lesft.split import ClientModel, ClientTail, FullModel, ServerModel, server_end, split_point
 from lesft.wire import MODEL_DTYPES
 
 
@@ -120,15 +120,24 @@ class _Trainable:
             self.optimizer.zero_grad(set_to_none=True)
         self.window_rows = 0
 
+    def trained(self) -> list[torch.nn.Module]:
+        """The modules whose LoRA this party trains (a label-private client: its tail layers too)."""
+        return [self.part]
+
+    def adapter_params(self) -> dict[str, torch.nn.Parameter]:
+        return {k: p for part in self.trained() for k, p in lora.adapter_params(part).items()}
+
     def adapters(self) -> dict[str, torch.Tensor]:
-        return lora.get_adapters(self.part)
+        return {k: v for part in self.trained() for k, v in lora.get_adapters(part).items()}
 
     def load_adapters(self, tensors) -> None:
-        lora.set_adapters(self.part, tensors)
+        lora.check_adapters(tensors, self.adapter_params())  # all or nothing, before any part is touched
+        for part in self.trained():
+            lora.set_adapters(part, {k: tensors[k] for k in lora.adapter_params(part)})
 
     def state(self) -> dict:
         """Everything to resume this party exactly: adapters, optimiser, pending gradients."""
-        params = lora.adapter_params(self.part)
+        params = self.adapter_params()
         return {
             "adapters": self.adapters(),
             "grads": {k: p.grad.detach().cpu().clone() for k, p in params.items() if p.grad is not None},
@@ -139,7 +148,7 @@ class _Trainable:
 
     def restore(self, state: dict) -> None:
         self.load_adapters(state["adapters"])
-        params = lora.adapter_params(self.part)
+        params = self.adapter_params()
         for k, p in params.items():
             g = state["grads"].get(k)
             p.grad = None if g is None else g.to(p.device, p.dtype).clone()
@@ -196,7 +205,7 @@ class ClientParty(_Trainable):
         self.part.to(self.device).train()
         # built once the part is on its device: a tied head shares the embedding there
         self.tail = self._tail(source, dtype) if method.split and cfg.model.label_private else None
-        self.optimizer = _optimizer(lora.adapter_params(self.part).values(), cfg.train.lr, cfg.train.weight_decay)
+        self.optimizer = _optimizer(self.adapter_params().values(), cfg.train.lr, cfg.train.weight_decay)
         self.pad_id = tokenizer.pad_token_id
         self.data = encode_all(tokenizer, examples, cfg.data.max_length)
         if not self.data:
@@ -208,8 +217,21 @@ class ClientParty(_Trainable):
 
     def _tail(self, source: ModelSource, dtype: torch.dtype) -> ClientTail:
         """The final norm + LM head a label-private client keeps (the head tied to its embedding
-        where the model ties them)."""
-        return ClientTail(source, dtype, embedding=self.part.body.embed_tokens).to(self.device)
+        where the model ties them), after its last ``--client-tail-layers`` layers, with LoRA."""
+        n = self.cfg.model.client_tail_layers
+        server_end(source.n_layers, split_point(source.n_layers, self.cfg.model.split_ratio), n)
+        tail = ClientTail(source, dtype, embedding=self.part.body.embed_tokens, layers=n)
+        if n:
+            lora.add_lora(tail, self.cfg.lora, seed=self.cfg.train.seed)
+        return tail.to(self.device).train()
+
+    def trained(self) -> list[torch.nn.Module]:
+        return [self.part] + ([self.tail] if self.tail is not None and self.tail.body is not None else [])
+
+    def trained_path(self, batch: Batch):
+        """The path of ``batch`` this run trains on (the reference input with ``--paths reference``)."""
+        paths = self.cfg.loss.paths if self.method.loss == "lesft" else "base"
+        return batch.ref if paths == "reference" else batch.base
 
     # -- data
 
@@ -223,8 +245,7 @@ class ClientParty(_Trainable):
         """Client forward of round ``r``: the rows to send to the server (detached)."""
         batch = self.batch(r)
         keys = dropout_keys(self.cfg, self.client_id, r, len(batch))
-        paths = self.cfg.loss.paths if self.method.loss == "lesft" else "base"
-        trained = batch.ref if paths == "reference" else batch.base
+        trained = self.trained_path(batch)
         dev = self.device
         grad = self.method.client_trains
         with self.meter.phase("forward"), lora.dropout_rows(keys, trained.lengths), torch.set_grad_enabled(grad):
@@ -299,7 +320,9 @@ class ServerParty(_Trainable):
         self.device = resolve_device(cfg.train.device)
         self.meter = meter or Meter("server", 0, str(self.device))
         self.k = split_point(source.n_layers, cfg.model.split_ratio)
-        self.part = ServerModel(source, self.k, dtype_of(cfg.model.dtype), tail=not cfg.model.label_private)
+        self.end = server_end(source.n_layers, self.k, cfg.model.client_tail_layers)
+        self.part = ServerModel(source, self.k, dtype_of(cfg.model.dtype), tail=not cfg.model.label_private,
+                                end=self.end)
         lora.add_lora(self.part, cfg.lora, seed=cfg.train.seed)
         self.part.to(self.device).train()
         lr = cfg.train.server_lr if cfg.train.server_lr is not None else cfg.train.lr
@@ -387,4 +410,6 @@ def run_fingerprint(cfg: Config, source: ModelSource) -> tuple[str, dict]:
              "max_length": cfg.data.max_length}
     if cfg.model.label_private:  # only then: the standard runs keep their fingerprints
         parts["label_private"] = True
+    if cfg.model.client_tail_layers:  # likewise: only when set
+        parts["client_tail_layers"] = cfg.model.client_tail_layers
     return fingerprint(source, k, parts["lora"], {k_: v for k_, v in parts.items() if k_ != "lora"}), parts

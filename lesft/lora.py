@@ -23,7 +23,7 @@ import re
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -186,7 +186,7 @@ def add_lora(part: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Modul
     return part
 
 
-def adapter_shapes(config, layers: range, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
+def adapter_shapes(config, layers: Iterable[int], settings: LoraSettings) -> dict[str, tuple[int, ...]]:
     """Canonical adapter names and shapes of ``layers`` for a model config, without weights
     (one decoder layer built on the meta device): what an aggregator must receive."""
     from transformers import AutoModel

@@ -11,6 +11,11 @@ A round has two exchanges instead of one:
    ``dL/dH`` (:func:`client_loss`); the server backpropagates it through its layers and
    returns ``dL/dS`` (:func:`server_backward`), which the client finishes as in a standard round.
 
+With ``--client-tail-layers n`` the client keeps the last n decoder layers too: the server
+runs layers ``k..L-n-1`` and returns their output at *every* position of both paths
+(``[B, T, H]``: the tail layers attend over the sequence), and the client runs its layers
+(with LoRA, dropout keyed as the server would) before the norm and the head.
+
 The maths is the standard round's, cut at another place: the same gathers, the same loss
 code, the same "sums and counts" (the server counts the rows with target tokens from
 ``y_len``; the loss sums never leave the client). The in-process trainer and the workers
@@ -25,8 +30,8 @@ from typing import Sequence
 import torch
 
 from lesft import lora
-from lesft.batching import Rows, concat_rows, padding_groups, split_grad, target_positions
-from lesft.engine import ClientParty, ServerParty, ServerResult, _autocast, reference_scope
+from lesft.batching import Batch, Rows, concat_rows, padding_groups, split_grad, target_positions
+from lesft.engine import ClientParty, ServerParty, ServerResult, _autocast, dropout_keys, reference_scope
 from lesft.loss import TokenLoss, gather_positions, token_loss
 
 
@@ -38,6 +43,15 @@ def without_labels(rows: Rows) -> Rows:
 def width(rows: Rows) -> int:
     """Target positions per row of these rows: the longest target (the client's ``targets`` width)."""
     return int(rows.y_len.max()) if len(rows) else 0
+
+
+def widths(rows: Rows, everywhere: bool) -> tuple[int, int]:
+    """The widths of the HIDDEN these rows get, (trained path, reference path): the longest
+    target, or, with client tail layers (``everywhere``, they attend over the sequence), every
+    position of each path."""
+    if not everywhere:
+        return width(rows), width(rows)
+    return rows.act.shape[1], rows.ref_act.shape[1] if rows.ref_act is not None else 0
 
 
 # --------------------------------------------------------------------------- server
@@ -114,36 +128,42 @@ class Held:
         return held, [held.received[j] for j in range(len(held.parts))]
 
 
-def _at_targets(model, act: torch.Tensor, lengths: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
-                ty: int) -> torch.Tensor:
-    """The server layers' output ``[B, ty, H]`` at the positions predicting each target."""
-    T = act.shape[1]
-    mask = (torch.arange(T, device=act.device)[None, :] < lengths[:, None]).long()
-    return gather_positions(model.hidden(act, mask), target_positions(y_start, y_len, ty)[0])
+def padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """The attention mask ``[B, T]`` of right-padded rows of these ``lengths``."""
+    return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).long()
+
+
+def _server_out(model, act: torch.Tensor, lengths: torch.Tensor, y_start: torch.Tensor, y_len: torch.Tensor,
+                ty: int | None) -> torch.Tensor:
+    """The server layers' output at the positions predicting each target, ``[B, ty, H]``; with
+    ``ty`` None at every position, ``[B, T, H]`` (for the client's tail layers)."""
+    out = model.hidden(act, padding_mask(lengths, act.shape[1]))
+    return out if ty is None else gather_positions(out, target_positions(y_start, y_len, ty)[0])
 
 
 def server_forward(server: ServerParty, parts: Sequence[Rows], want_grad: bool) -> HeldForward:
     """Forward both paths of a microbatch of label-free rows up to the server's last layer;
     keep the graph for :func:`server_backward`. Groups as :meth:`ServerParty.process` does."""
     model, dev = server.part, server.device
+    everywhere = server.cfg.model.client_tail_layers > 0
     groups, hidden = [], [None] * len(parts)
     for members in padding_groups(parts, server.cfg.net.microbatch_max_padding):
         rows = concat_rows([parts[i] for i in members]).to(dev, torch.float32)
-        ty = width(rows)
+        ty = None if everywhere else width(rows)
         act = rows.act.detach().clone().requires_grad_(want_grad)
         with lora.dropout_rows(rows.keys, rows.lengths), _autocast(dev, server.cfg.train.autocast_bf16):
             with server.meter.phase("forward"):
-                h = _at_targets(model, act, rows.lengths, rows.y_start, rows.y_len, ty)
+                h = _server_out(model, act, rows.lengths, rows.y_start, rows.y_len, ty)
                 ref = None
                 if server.method.loss == "lesft" and rows.ref_act is not None:
                     with reference_scope(model, server.cfg):
-                        ref = _at_targets(model, rows.ref_act, rows.ref_lengths, rows.ref_y_start, rows.y_len, ty)
+                        ref = _server_out(model, rows.ref_act, rows.ref_lengths, rows.ref_y_start, rows.y_len, ty)
         groups.append(_Group(members, act, h, ref))
         start = 0
         for i in members:
-            n, w = len(parts[i]), width(parts[i])
+            n, (w, w_ref) = len(parts[i]), widths(parts[i], everywhere)
             cut = slice(start, start + n)
-            hidden[i] = (h[cut, :w].detach().cpu(), None if ref is None else ref[cut, :w].detach().cpu())
+            hidden[i] = (h[cut, :w].detach().cpu(), None if ref is None else ref[cut, :w_ref].detach().cpu())
             start += n
     return HeldForward(list(parts), groups, hidden, want_grad)
 
@@ -179,21 +199,44 @@ def server_backward(server: ServerParty, held: HeldForward, grads: Sequence[torc
 # --------------------------------------------------------------------------- client
 
 
+def _tail_out(client: ClientParty, r: int, batch: Batch, hidden: torch.Tensor, reference: bool) -> torch.Tensor:
+    """The output at the target positions ``[B, Ty, H]`` of round ``r``'s trained (or reference)
+    path: the server's, gathered there already; with client tail layers, theirs over the server's
+    output at every position ``[B, T, H]`` (LoRA dropout keyed as on the server; the reference
+    path as its forward always runs: no gradient, no dropout)."""
+    tail = client.tail
+    if tail.body is None:
+        return hidden
+    path = batch.ref if reference else client.trained_path(batch)
+    lengths = path.lengths.to(hidden.device)
+    mask = padding_mask(lengths, hidden.shape[1])
+    if reference:
+        with reference_scope(tail, client.cfg):
+            out = tail.layers(hidden, mask)
+    else:
+        with lora.dropout_rows(dropout_keys(client.cfg, client.client_id, r, len(batch)), lengths):
+            out = tail.layers(hidden, mask)
+    positions = target_positions(path.y_start.to(hidden.device), batch.y_len.to(hidden.device), batch.targets.shape[1])
+    return gather_positions(out, positions[0])
+
+
 def client_loss(client: ClientParty, r: int, hidden: torch.Tensor,
                 ref_hidden: torch.Tensor | None) -> tuple[TokenLoss, torch.Tensor]:
-    """The method's loss of round ``r`` from the server's last-layer output at the target
-    positions (``hidden``, ``ref_hidden`` ``[B, Ty, H]``) through the client's norm and head,
-    and ``dL/dH [B, Ty, H]`` of the sum of its rows' losses (the server's scale)."""
+    """The method's loss of round ``r`` from the server's last-layer output (``hidden``,
+    ``ref_hidden``: ``[B, Ty, H]`` at the target positions, or ``[B, T, H]`` at every position
+    with client tail layers) through the client's tail layers, norm and head, and ``dL/dH`` (its
+    shape) of the sum of its rows' losses (the server's scale); the tail layers' LoRA gradients
+    accumulate in this client's."""
     batch, tail, dev = client.batch(r), client.tail, client.device
     targets, y_len = batch.targets.to(dev), batch.y_len.to(dev)
     h = hidden.to(dev, torch.float32).clone().requires_grad_(True)  # decoded frames are read-only
     mask = torch.arange(targets.shape[1], device=dev)[None, :] < y_len[:, None]
     with _autocast(dev, client.cfg.train.autocast_bf16), client.meter.phase("loss"):
-        normed = tail.normed(h)
+        normed = tail.normed(_tail_out(client, r, batch, h, reference=False))
         ref = None
         if ref_hidden is not None:
             with torch.no_grad():
-                ref_normed = tail.normed(ref_hidden.to(dev, torch.float32))
+                ref_normed = tail.normed(_tail_out(client, r, batch, ref_hidden.to(dev, torch.float32), reference=True))
                 ref = (tail.head(ref_normed), ref_normed)
         tl = token_loss(client.method, client.cfg, tail.head(normed), mask, normed, ref, tail.lm_head.weight,
                         targets)

@@ -103,6 +103,7 @@ class Request:
     reply_to: Any = None
     payload: Any = None
     arrived: float = 0.0
+    started: float = math.inf  # when ready() handed it out to run
 
 
 @dataclass
@@ -351,6 +352,8 @@ class Rounds:
                 or self.policy.overdue(now - rnd.opened)):
             return []
         batch = [rnd.requests.pop(c) for c in sorted(rnd.requests)]
+        for q in batch:
+            q.started = now
         rnd.running.update((q.client, q) for q in batch)
         return batch
 
@@ -399,13 +402,14 @@ class Rounds:
         return None
 
     def abandon(self, now: float, clients: Sequence[int]) -> list[int]:
-        """Sequential: once the open round is overdue, give up these ``clients``' running requests
-        (a label-private round's second half, ``dL/dH``, that never came), so the round can be
-        judged without them; returns those given up."""
+        """Sequential: give up those of these ``clients``' running requests of the open round that
+        have run past the straggler timeout (a label-private round's second half, ``dL/dH``, that
+        never came), so the round can be judged without them; returns those given up. Timed from
+        when each started: one that only started in an overdue round still gets its full time."""
         rnd = self._open_round()
-        if rnd is None or not self.policy.overdue(now - rnd.opened):
+        if rnd is None:
             return []
-        gone = sorted(c for c in clients if c in rnd.running)
+        gone = sorted(c for c in clients if c in rnd.running and self.policy.overdue(now - rnd.running[c].started))
         for c in gone:
             del rnd.running[c]
         return gone

@@ -32,6 +32,22 @@ def split_point(n_layers: int, ratio: float) -> int:
     return min(max(int(round(n_layers * ratio)), 1), n_layers - 1)
 
 
+def server_end(n_layers: int, k: int, tail_layers: int) -> int:
+    """Where the server's layers end: a label-private client may keep the last ``tail_layers``
+    too (``--client-tail-layers``), so the server runs layers ``k..end-1``, at least one."""
+    end = n_layers - tail_layers
+    if end - k < 1:
+        raise ModelError(f"--client-tail-layers {tail_layers} leaves the server no layer: the model has {n_layers} layers "
+                         f"and the client keeps the first {k}; use at most {n_layers - k - 1}.")
+    return end
+
+
+def client_layers(n_layers: int, k: int, tail_layers: int) -> list[int]:
+    """The decoder layers a split client holds (and trains): the first k, and the last
+    ``tail_layers`` of a label-private run."""
+    return list(range(k)) + list(range(server_end(n_layers, k, tail_layers), n_layers))
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens, so left or right padding gives the same numbers."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -103,16 +119,17 @@ class ServerModel(nn.Module):
     """layers[k:] + final norm + LM head, fed the client's activations. With ``tail=False``
     (label-private runs) the final norm and the head stay on the client (:class:`ClientTail`):
     :meth:`hidden` then returns the last layer's output before the norm, and the server
-    holds no head."""
+    holds no head; ``end`` < L: the layers from ``end`` on stay there too."""
 
     side = "server"
 
-    def __init__(self, source: ModelSource, k: int, dtype: torch.dtype = torch.float32, *, tail: bool = True) -> None:
+    def __init__(self, source: ModelSource, k: int, dtype: torch.dtype = torch.float32, *, tail: bool = True,
+                 end: int | None = None) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
 
         self.k, self.n_layers = k, source.n_layers
-        self.config = _part_config(source.config, range(k, source.n_layers), tie=False)
+        self.config = _part_config(source.config, range(k, source.n_layers if end is None else end), tie=False)
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(self.config)
         lm.model.embed_tokens = _NoEmbedding()
@@ -144,17 +161,24 @@ class ServerModel(nn.Module):
 
 
 class ClientTail(nn.Module):
-    """The final norm + LM head, kept by a label-private client: :meth:`normed` and :meth:`head`
-    turn the server's last-layer output ``[B, T, H]`` into logits ``[B, T, V]``. With tied
+    """What a label-private client keeps after the server's layers: the last ``layers`` decoder
+    layers (``--client-tail-layers``, none by default), the final norm and the LM head.
+    :meth:`layers` runs the decoder layers over the server's last-layer output ``[B, T, H]``,
+    :meth:`normed` and :meth:`head` turn hidden states into logits ``[B, T, V]``. With tied
     embeddings the head *is* the client's ``embedding`` matrix (as in :class:`FullModel`), so it
     costs no memory and is never loaded twice."""
 
+    side = "client"
+
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32,
-                 embedding: nn.Embedding | None = None) -> None:
+                 embedding: nn.Embedding | None = None, layers: int = 0) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
 
-        config = _part_config(source.config, range(source.n_layers - 1, source.n_layers), tie=False)
+        self.first = source.n_layers - layers  # the global index of its first decoder layer
+        self.n_layers = source.n_layers
+        span = range(self.first, source.n_layers) if layers else range(source.n_layers - 1, source.n_layers)
+        config = _part_config(source.config, span, tie=False)
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config)
         self.norm, self.lm_head = lm.model.norm, lm.lm_head
@@ -163,6 +187,26 @@ class ClientTail(nn.Module):
             self.lm_head.weight = embedding.weight
         else:
             _materialize(self.lm_head, config, lambda n: f"lm_head.{n}", source, dtype)
+        self.body = None
+        if layers:
+            body = lm.model
+            body.embed_tokens, body.norm = _NoEmbedding(), nn.Identity()
+
+            def to_full(name: str) -> str:
+                m = _LAYER.match(name)
+                return f"model.layers.{int(m.group(2)) + self.first}.{m.group(3)}" if m else f"model.{name}"
+
+            _materialize(body, config, to_full, source, dtype)
+            self.body = body
+
+    def layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The tail decoder layers' output ``[B, T, H]`` (before the norm) for the server's
+        last-layer output ``[B, T, H]``; the input itself without tail layers."""
+        if self.body is None:
+            return hidden
+        out = self.body(inputs_embeds=hidden, attention_mask=attention_mask,
+                        position_ids=position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``[B, T, H]`` (after the last norm) of the last layer's output."""
@@ -170,6 +214,9 @@ class ClientTail(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def global_layer(self, local: int) -> int:
+        return local + self.first
 
 
 class FullModel(nn.Module):

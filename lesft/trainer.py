@@ -26,6 +26,7 @@ from lesft.metrics import JsonlWriter, Meter, mean_loss, merge_token_means
 from lesft.models import ModelSource, source_for
 from lesft.runs import RunDirError, mark_run, open_run_dir
 from lesft.schedule import client_sizes, is_aggregation_round, is_step_round, total_rounds
+from lesft.split import server_end, split_point
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -79,11 +80,12 @@ def client_shards(cfg: Config, tokenizer=None) -> list[list[Example]]:
 
 def preflight(cfg: Config) -> None:
     """What every party would refuse at start, checked once in this process before a
-    launcher starts them (one clear line instead of a worker's log): the model, its
-    tokenizer, the data and its targets."""
+    launcher starts them (one clear line instead of a worker's log): the model (and the
+    split, when the client keeps tail layers), its tokenizer, the data and its targets."""
     from lesft.batching import encode_all
 
     source = source_for(cfg)
+    server_end(source.n_layers, split_point(source.n_layers, cfg.model.split_ratio), cfg.model.client_tail_layers)
     tok = source.load_tokenizer()
     for shard in client_shards(cfg, tok):
         encode_all(tok, shard, cfg.data.max_length)

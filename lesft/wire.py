@@ -720,9 +720,11 @@ def _check_positions(msg: Message, name: str, lim: ModelLimits | None, shape: tu
         raise _fail(ErrorCode.NOT_FINITE, f"tensor {name!r} holds NaN or Inf")
 
 
-def check_hidden(msg: Message, shape: tuple[int, int] | None = None, reference: bool | None = None) -> None:
+def check_hidden(msg: Message, shape: tuple[int, int] | None = None, reference: bool | None = None,
+                 ref_shape: tuple[int, int] | None = None) -> None:
     """HIDDEN: ``hidden [B,Ty,H]`` float, finite (``shape`` = (B, Ty) of the rows asked for,
-    when given) and ``ref_hidden`` alike (with ``reference`` True required, False refused)."""
+    when given) and ``ref_hidden`` alike (with ``reference`` True required, False refused; its
+    (B, Ty) is ``ref_shape``, else the same: with client tail layers both paths come whole)."""
     _expect_type(msg, MsgType.HIDDEN)
     extra = [k for k in msg.tensors if k not in ("hidden", "ref_hidden")]
     if extra:
@@ -731,7 +733,7 @@ def check_hidden(msg: Message, shape: tuple[int, int] | None = None, reference: 
     if "ref_hidden" in msg.tensors and reference is False:
         raise _fail(ErrorCode.UNEXPECTED_TENSOR, "hidden carries the reference path, which this run does not use")
     if "ref_hidden" in msg.tensors or reference:
-        _check_positions(msg, "ref_hidden", None, tuple(msg.tensors["hidden"].shape[:2]))
+        _check_positions(msg, "ref_hidden", None, ref_shape or tuple(msg.tensors["hidden"].shape[:2]))
 
 
 def check_head_grad(msg: Message, lim: ModelLimits | None) -> None:
@@ -849,6 +851,7 @@ class Knows:
     grad_shape: tuple[int, ...] | None = None  # BACKWARD: the shape of the activations it answers
     private: bool | None = None  # FORWARD / BACKWARD: whether this run is --label-private
     hidden_shape: tuple[int, int] | None = None  # HIDDEN: (rows, target width) of the FORWARD it answers
+    ref_hidden_shape: tuple[int, int] | None = None  # HIDDEN: its reference path's, when it differs
 
 
 # One checker per message type, given what the receiver knows.
@@ -857,7 +860,7 @@ CHECKERS: dict[MsgType, Callable[[Message, Knows], None]] = {
     MsgType.WELCOME: lambda m, k: check_welcome(m),
     MsgType.FORWARD: lambda m, k: check_forward(m, k.model, k.reference, k.private),
     MsgType.BACKWARD: lambda m, k: check_backward(m, k.grad_shape, k.private),
-    MsgType.HIDDEN: lambda m, k: check_hidden(m, k.hidden_shape, k.reference),
+    MsgType.HIDDEN: lambda m, k: check_hidden(m, k.hidden_shape, k.reference, k.ref_hidden_shape),
     MsgType.HEAD_GRAD: lambda m, k: check_head_grad(m, k.model),
     MsgType.UPLOAD: lambda m, k: check_upload(m, k.adapters),
     MsgType.ACK: lambda m, k: check_ack(m),

@@ -293,11 +293,9 @@ def test_label_private_is_refused_for_methods_without_a_split_in_one_line(method
     assert "\n" not in text and "label_private" in text and "--label-private" in text
 
 
-def test_label_private_with_a_pipeline_deeper_than_one_is_refused_in_one_line():
-    with pytest.raises(ConfigError) as e:
-        build_config(cli={"method": "lesft", "label_private": True, "pipeline_depth": 2}, env={})
-    text = str(e.value)
-    assert "\n" not in text and "--pipeline-depth 1" in text and "--label-private" in text
+def test_label_private_runs_pipelined_too():
+    cfg = build_config(cli={"method": "lesft", "label_private": True, "pipeline_depth": 2}, env={})
+    assert cfg.model.label_private and cfg.train.pipeline_depth == 2
 
 
 def test_label_private_is_in_the_fingerprint_and_absent_from_a_standard_runs_parts():

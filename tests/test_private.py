@@ -2,7 +2,9 @@
 the round cut after the server's last layer gives the adapters of the standard round (the
 loss on the server), for lesft, splitlora and a loss variant; the client's head is its
 embedding where the model ties them; the server holds no head; the server's wait for
-dL/dH (``Held``) hands a microbatch over once every part has its gradient or was given up."""
+dL/dH (``Held``) hands a microbatch over once every part has its gradient or was given up;
+with ``--client-tail-layers 1`` the client trains the last layer the server would (one client:
+the same adapters), the server holds nothing of it, and unusable settings are one line."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +12,10 @@ import torch
 
 from lesft import private
 from lesft.batching import Rows
-from lesft.config import build_config
-from lesft.engine import ClientParty, ServerParty
+from lesft.config import ConfigError, build_config
+from lesft.engine import ClientParty, ServerParty, run_fingerprint
 from lesft.methods import get_method
-from lesft.models import source_for
+from lesft.models import ModelError, source_for
 from lesft.split import ClientTail
 from lesft.trainer import client_shards, train_inprocess
 
@@ -108,3 +110,79 @@ def test_held_forwards_wait_for_every_gradient_or_a_give_up():
     done, grads = book.give(1, 7, None)  # client 1 given up: the microbatch goes on without it
     assert done is held and grads[1] is None and torch.equal(grads[0], torch.ones(1, 2, 4))
     assert not book.waiting(0, 7) and book.hidden(0, 7) is None
+
+
+# --------------------------------------------------------------------------- client tail layers
+
+
+def combined(run) -> dict[str, torch.Tensor]:
+    """A finished in-process run's adapters by global name, client's and server's together."""
+    return {**next(iter(run.clients.values())), **run.server}
+
+
+@pytest.mark.parametrize("method", ["lesft", "splitlora"])
+def test_a_client_keeping_the_last_layer_trains_what_the_server_trains_in_a_standard_run(tmp_path, method):
+    # Prepare: one client, so its tail learns from the rows the server's last layer would
+    over = dict(clients=1, grad_accum=2)
+    standard = train_inprocess(make_config(tmp_path, method, False, **over))
+
+    # Execute
+    private_run = train_inprocess(make_config(tmp_path / "tail", method, True, client_tail_layers=1, **over))
+
+    # Assert: the last layer's adapters are the client's now, and every adapter is the standard run's
+    last = source_for(make_config(tmp_path, method, False)).n_layers - 1
+    assert {int(k.split(".")[1]) for k in private_run.server}.isdisjoint({last})
+    assert last in {int(k.split(".")[1]) for k in next(iter(private_run.clients.values()))}
+    assert relative_diff(combined(standard), combined(private_run)) <= 1e-6
+    assert any(float(v.abs().max()) > 0 for k, v in private_run.clients[-1].items()
+               if "lora_B" in k and k.startswith(f"layers.{last}."))
+    assert [r["loss"] for r in private_run.history] == pytest.approx([r["loss"] for r in standard.history], rel=1e-6)
+
+
+def test_the_server_holds_nothing_of_the_client_tail_and_returns_every_position(tmp_path):
+    # Prepare
+    cfg = make_config(tmp_path, "lesft", True, clients=1, client_tail_layers=1)
+    source = source_for(cfg)
+    tok = source.load_tokenizer()
+    client = ClientParty(cfg, source, get_method("lesft"), 0, client_shards(cfg, tok)[0], tok)
+    server = ServerParty(cfg, source, get_method("lesft"))
+    last = source.n_layers - 1
+
+    # Execute
+    rows = client.forward(0)
+    forward = private.server_forward(server, [server.rows(private.without_labels(rows).tensors(), 0, 0)], True)
+    hidden, ref = forward.hidden[0]
+    tl, grad = private.client_loss(client, 0, hidden, ref)
+
+    # Assert: the server's part ends before the last layer (no weight, no adapter of it); its
+    # HIDDEN covers every position of both paths; the client's tail adapters got gradients
+    assert server.part.config.num_hidden_layers == source.n_layers - 1 - server.k
+    assert all(f"layers.{last}." not in k for k in server.adapters())
+    assert hidden.shape[:2] == rows.act.shape[:2] and ref.shape[:2] == rows.ref_act.shape[:2]
+    assert grad.shape == hidden.shape
+    tail_grads = [p.grad for k, p in client.adapter_params().items() if k.startswith(f"layers.{last}.")]
+    assert tail_grads and all(g is not None for g in tail_grads)
+
+
+@pytest.mark.parametrize("over, problem", [
+    (dict(client_tail_layers=1), "add --label-private"),
+    (dict(client_tail_layers=1, label_private=True, method="splitfrozen"), "trains no client layer"),
+    (dict(client_tail_layers=-1, label_private=True), "client_tail_layers=-1")])
+def test_client_tail_layers_it_cannot_use_are_refused_in_one_line(over, problem):
+    with pytest.raises(ConfigError) as e:
+        build_config(cli=dict(model=MODEL) | over, env={})
+    assert problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_client_tail_layers_that_leave_the_server_no_layer_are_refused_in_one_line(tmp_path):
+    cfg = make_config(tmp_path, "lesft", True, client_tail_layers=3)  # tiny-qwen2: 4 layers, 1 on the client
+    with pytest.raises(ModelError) as e:
+        ServerParty(cfg, source_for(cfg), get_method("lesft"))
+    assert "--client-tail-layers 3 leaves the server no layer" in str(e.value) and "at most 2" in str(e.value)
+
+
+def test_client_tail_layers_enter_the_fingerprint_only_when_set(tmp_path):
+    cfg = make_config(tmp_path, "lesft", True)
+    fp, parts = run_fingerprint(cfg, source_for(cfg))
+    fp_tail, parts_tail = run_fingerprint(cfg.replace(client_tail_layers=1), source_for(cfg))
+    assert "client_tail_layers" not in parts and parts_tail["client_tail_layers"] == 1 and fp != fp_tail

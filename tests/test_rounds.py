@@ -483,7 +483,7 @@ def test_a_running_request_is_held_and_a_second_message_of_it_only_retargets_the
     assert (again.seq, again.reply_to, again.value) == (8, "head-grad-0-again", "reply 0/0")
 
 
-def test_a_running_request_is_given_up_once_the_round_is_overdue_and_the_round_closes_without_it():
+def test_a_running_request_is_given_up_once_it_has_run_past_the_timeout_and_the_round_closes_without_it():
     rounds = server(expected=3, timeout=3.0, min_clients=1)
     for c in range(3):
         ask(rounds, c, 0, 5 + c, 0.0)
@@ -494,3 +494,14 @@ def test_a_running_request_is_given_up_once_the_round_is_overdue_and_the_round_c
     verdict, sent = close(rounds, 3.6)
     assert verdict.failures == (1, 2) and verdict.accepted and [(s.client, s.seq) for s in sent] == [(0, 5)]
     assert rounds.abandon(10.0, [0]) == []
+
+
+def test_a_request_that_starts_running_in_an_overdue_round_gets_its_full_time():
+    # Prepare: round 0 open since 0.0; client 0 sends only at 5.0, when the round is overdue
+    rounds = server(expected=2, timeout=3.0, min_clients=1)
+    ask(rounds, 0, 0, 5, 5.0)
+    assert [q.client for q in rounds.ready(5.0)] == [0]
+
+    # Assert: its dL/dH is awaited for the timeout from then, not given up at once
+    assert rounds.abandon(5.1, [0]) == [] and rounds.holds(0, 0)
+    assert rounds.abandon(8.5, [0]) == [0] and not rounds.holds(0, 0)

@@ -26,7 +26,7 @@ from lesft.lora import adapter_shapes, save_adapters
 from lesft.methods import get_method
 from lesft.models import source_for
 from lesft.rounds import Policy, Rounds, Verdict
-from lesft.split import split_point
+from lesft.split import client_layers, split_point
 from lesft.export import combine_run
 from lesft.runs import GLOBAL_CLIENT_FILE, mark_run
 from lesft.schedule import client_sizes, total_rounds
@@ -51,7 +51,8 @@ class Aggregator(Worker):
         source = source_for(cfg)
         self.fingerprint, self.parts = run_fingerprint(cfg, source)
         method = get_method(cfg.train.method)
-        layers = range(split_point(source.n_layers, cfg.model.split_ratio)) if method.split else range(source.n_layers)
+        layers = client_layers(source.n_layers, split_point(source.n_layers, cfg.model.split_ratio),
+                               cfg.model.client_tail_layers) if method.split else range(source.n_layers)
         self.knows = wire.Knows(adapters=adapter_shapes(source.config, layers, cfg.lora))
         self.latest: Message | None = None
         self.done_at: float | None = None

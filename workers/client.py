@@ -6,6 +6,8 @@ With ``--pipeline-depth D`` the FORWARDs of up to D rounds of the current accumu
 window are in flight at once (the next round's forward runs while the server answers this
 one); backwards run in round order, and the pipeline drains at the window's end, before
 the step and the aggregation, so every forward uses the weights it uses at depth 1.
+Label-private (``--label-private``), a round has two legs, FORWARD -> HIDDEN and
+HEAD_GRAD -> BACKWARD, and the later rounds' FORWARDs stay in flight across both.
 Text and the tokenizer never leave this process: the server sees activations and ids.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import replace
 from typing import Callable
 
 import zmq
@@ -202,17 +205,27 @@ class Client(Worker):
 
     def train_round(self, r: int, rounds: int) -> float:
         """Round r: its FORWARD (and those of the next rounds of its window, up to the
-        pipeline depth) out, its BACKWARD in, its backward; returns its mean loss."""
+        pipeline depth) out, its BACKWARD in, its backward; returns its mean loss. Label-private,
+        the FORWARD is answered with HIDDEN and this client's HEAD_GRAD with the BACKWARD."""
         if self.server is None:
             return float(self.party.local_step(r).loss.detach())
-        if self.cfg.model.label_private:  # lock-step (the config refuses a deeper pipeline)
-            return self.train_round_private(r, self.party.forward(r))
-        for x in self.rounds_to_send(r, rounds):
-            self.send_forward(x)
-        reply = self.inflight.wait(r)
+        while True:
+            for x in self.rounds_to_send(r, rounds):
+                self.send_forward(x)
+            reply, loss = self.inflight.wait(r), None
+            if reply.type != MsgType.HIDDEN:
+                break
+            try:
+                reply, loss = self.head_grad(r, reply)
+                break
+            except WireError as e:
+                self.forward_lost(r, e)
         valid = reply.meta["valid_rows"]
         self.party.backward(reply.tensors.get("grad"), valid, r)
-        return mean_loss(reply.meta["loss_sum"], valid)
+        if loss is not None:
+            return loss
+        # label-private, a round answered before this client restarted: its loss went with that process
+        return float("nan") if reply.meta.get("loss_sum") is None else mean_loss(reply.meta["loss_sum"], valid)
 
     def rounds_to_send(self, r: int, rounds: int) -> list[int]:
         """The rounds from r on to have in flight: up to ``--pipeline-depth``, never past the
@@ -226,32 +239,39 @@ class Client(Worker):
         return [x for x in window if x not in self.inflight]
 
     def send_forward(self, r: int) -> None:
-        """Client forward of round r, sent without waiting (its graph waits in the party)."""
+        """Client forward of round r, sent without waiting (its graph waits in the party).
+        Label-private: without label ids, answered with HIDDEN (or, a round answered before
+        a restart, BACKWARD)."""
         rows = self.party.forward(r)
         knows = wire.Knows(grad_shape=tuple(rows.act.shape) if self.method.client_trains else None)
+        expect = {MsgType.BACKWARD}
+        if self.cfg.model.label_private:
+            w, w_ref = private.widths(rows, everywhere=self.cfg.model.client_tail_layers > 0)
+            knows = replace(knows, private=True, reference=sends_reference(self.method, self.cfg),
+                            hidden_shape=(len(rows), w), ref_hidden_shape=(len(rows), w_ref))
+            rows, expect = private.without_labels(rows), {MsgType.HIDDEN, MsgType.BACKWARD}
         if self.inflight.sent:
             self.meter.count("forwards_ahead")  # sent while an earlier round is still awaited
-        self.inflight.send(wire.forward(self.origin, r, self.next_seq(), rows), {MsgType.BACKWARD}, knows)
+        self.inflight.send(wire.forward(self.origin, r, self.next_seq(), rows), expect, knows)
 
-    def train_round_private(self, r: int, rows) -> float:
-        """A label-private round: FORWARD without label ids -> HIDDEN (the server layers' output
-        at the target positions) -> this client's loss and dL/dH -> HEAD_GRAD -> BACKWARD. A
-        round the server answered already (this client restarted) gets its BACKWARD at once."""
-        grad_shape = tuple(rows.act.shape) if self.method.client_trains else None
-        knows = wire.Knows(grad_shape=grad_shape, private=True, reference=sends_reference(self.method, self.cfg),
-                           hidden_shape=(len(rows), private.width(rows)))
-        sent = private.without_labels(rows)
-        dtype = self.cfg.net.wire_dtype
-        reply = self.ask(self.server, lambda seq: wire.forward(self.origin, r, seq, sent),
-                         {MsgType.HIDDEN, MsgType.BACKWARD}, float_dtype=dtype, knows=knows)
-        loss = float("nan")  # a round answered before a restart: its loss went with the lost process
-        if reply.type == MsgType.HIDDEN:
-            tl, grad = private.client_loss(self.party, r, reply.tensors["hidden"], reply.tensors.get("ref_hidden"))
-            loss = float(tl.loss.detach())
-            reply = self.ask(self.server, lambda seq: wire.head_grad(self.origin, r, seq, grad), {MsgType.BACKWARD},
-                             float_dtype=dtype, knows=knows)
-        self.party.backward(reply.tensors.get("grad"), reply.meta["valid_rows"])
-        return loss
+    def head_grad(self, r: int, hidden: Message) -> tuple[Message, float]:
+        """Label-private, round r's second leg: this client's loss and dL/dH from the server's
+        HIDDEN, sent as HEAD_GRAD while the next rounds stay in flight; returns the BACKWARD and
+        the round's mean loss."""
+        tl, grad = private.client_loss(self.party, r, hidden.tensors["hidden"], hidden.tensors.get("ref_hidden"))
+        self.inflight.follow(wire.head_grad(self.origin, r, self.next_seq(), grad), {MsgType.BACKWARD})
+        return self.inflight.wait(r), float(tl.loss.detach())
+
+    def forward_lost(self, r: int, e: WireError) -> None:
+        """A HEAD_GRAD refused because the server holds no forward of round r while the round is
+        still open (it restarted, or gave up waiting for this HEAD_GRAD): round r goes again from
+        its FORWARD (the same rows: nothing of it reached this client's gradients yet), with the
+        server's reason in one line. A round that went on without this client (a straggler)
+        re-raises, for :meth:`catch_up`."""
+        if e.code != ErrorCode.STALE_ROUND or int(getattr(e, "meta", {}).get("server_round", r + 1)) > r:
+            raise e
+        self.log.warning("round %d: %s; sending the round again", r, e.text)
+        self.meter.count("rounds_resent")
 
     # ------------------------------------------------------------------ aggregation
 

@@ -46,6 +46,7 @@ class Server(Worker):
         self.knows = wire.Knows(model=limits, reference=sends_reference(self.method, cfg),
                                 private=cfg.model.label_private)
         self.held = private.Held()  # label-private microbatches waiting for their dL/dH
+        self.gave_up: set[tuple[int, int]] = set()  # label-private: (client, round) whose dL/dH came too late
         self.expected = cfg.data.clients
         self.rounds = Rounds(Policy.from_config(cfg), functools.partial(total_rounds, cfg),
                              depth=cfg.train.pipeline_depth, batch_wait_s=cfg.net.microbatch_wait_ms / 1000,
@@ -81,7 +82,7 @@ class Server(Worker):
         self.chan = Channel(sock, self.meter, routed=True, limits=limits, drop_on_full=True,
                             admit=self.admission(self.handlers, self.sessions))
         self.log.info("%s on %s: layers %d..%d of %d, waiting for %d clients via %s", self.method.label,
-                      self.party.device, self.party.k, self.source.n_layers - 1, self.source.n_layers,
+                      self.party.device, self.party.k, self.party.end - 1, self.source.n_layers,
                       self.expected, self.cfg.net.broker_backend)
         started, next_note = time.monotonic(), NOTE_EVERY_S
         try:
@@ -184,8 +185,7 @@ class Server(Worker):
         has its gradient."""
         c, r = msg.sender, msg.round
         if (c, r) not in self.rounds.cache and not self.rounds.holds(c, r):
-            raise Refused(STALE_ROUND, f"no forward of round {r} is held here (the server restarted, or the round "
-                                       "went on without this client): send the round again",
+            raise Refused(STALE_ROUND, f"the server holds no forward of round {r}: {self.why_not_held(c, r)}",
                           server_round=max(r, self.rounds.current))
         cached = self.rounds.request(Request(c, r, msg.seq, inbound.envelope, msg, time.monotonic()))
         if cached is not None:
@@ -197,6 +197,14 @@ class Server(Worker):
                 raise WireError(ErrorCode.BAD_SHAPE, str(e)) from None
             if ready is not None:
                 self.finish_private(*ready)
+
+    def why_not_held(self, client: int, r: int) -> str:
+        """Why a HEAD_GRAD finds no forward here, in the client's words."""
+        if (client, r) in self.gave_up:
+            return "it gave up waiting for this client's dL/dH (--straggler-timeout-s)"
+        if r < self.rounds.current:
+            return "the round went on without this client"
+        return "it restarted since it sent the hidden states"
 
     def send_hidden(self, client: int, r: int, seq: int, reply_to: list, tensors: tuple) -> None:
         """Label-private: the server layers' output at a client's target positions."""
@@ -221,6 +229,7 @@ class Server(Worker):
         r = self.rounds.current
         for client in self.rounds.abandon(now, self.held.missing(r)):  # label-private: its dL/dH never came
             self.log.warning("round %d: no dL/dH from client %d in time: going on without it", r, client)
+            self.gave_up.add((client, r))
             if (ready := self.held.give(client, r, None)) is not None:
                 self.finish_private(*ready)
         if batch := self.rounds.ready(now):
@@ -277,6 +286,7 @@ class Server(Worker):
         self.log.info("round %d/%d loss %.4f (%d client%s, %d microbatch%s)%s", r + 1, total, record["loss"], n,
                       "" if n == 1 else "s", mb, "es" if mb > 1 else "", " step" if stepped else "")
         self.rounds.close(verdict, time.monotonic())
+        self.gave_up = {(c, n) for c, n in self.gave_up if n > r}  # a later HEAD_GRAD of r is stale anyway
         every = self.cfg.net.checkpoint_every
         if (every and self.rounds.current % every == 0) or not self.rounds.serving:
             self.save_checkpoint()

@@ -235,6 +235,7 @@ def describe(msg: Message) -> str:
     """What a request asks for, in the user's words (for waiting notes and errors)."""
     r = msg.round
     return {MsgType.HELLO: "the registration", MsgType.FORWARD: f"the gradients of round {r}",
+            MsgType.HEAD_GRAD: f"the backward of round {r}",
             MsgType.UPLOAD: f"the adapter upload of round {r}", MsgType.FETCH: f"the global adapters of round {r}"
             if r >= 0 else "the latest global adapters", MsgType.BYE: "the end of the run"}.get(
         msg.type, f"a {msg.type.value} reply" + (f" of round {r}" if r >= 0 else ""))
@@ -415,7 +416,9 @@ class Pipeline:
     Awaiting one is a :func:`request` whose first send is done already: the same
     heartbeats, timeouts, retries and ERROR handling. A reply to a later one that comes
     while an earlier one is awaited is kept for its turn; one sent on a socket rebuilt since
-    (a retry reconnected) is sent again when its turn comes.
+    (a retry reconnected) is sent again when its turn comes. A round whose exchange has two
+    legs (label-private: FORWARD -> HIDDEN, then HEAD_GRAD -> BACKWARD) sends its second with
+    :meth:`follow` once :meth:`wait` returned the first's reply; the later rounds stay in flight.
     """
 
     def __init__(self, peer: Peer, *, cfg: Config, stop: threading.Event, log: logging.Logger,
@@ -423,6 +426,7 @@ class Pipeline:
         self.peer, self.cfg, self.stop, self.log, self.float_dtype = peer, cfg, stop, log, float_dtype
         self.sent: dict[int, _Sent] = {}  # round -> its request
         self.early: dict[int, Message] = {}  # round -> a message that answers its request
+        self.answered: _Sent | None = None  # the request wait() returned the reply of last
 
     def __contains__(self, r: int) -> bool:
         return r in self.sent
@@ -435,9 +439,19 @@ class Pipeline:
     def wait(self, r: int) -> Message:
         """The reply to the request of round ``r`` (see :func:`request` for what it raises)."""
         s = self.sent.pop(r)
-        return request(self.peer, s.msg, s.expect, cfg=self.cfg, stop=self.stop, log=self.log,
-                       float_dtype=self.float_dtype, knows=s.knows, on_other=self._keep,
-                       sent=self.peer.chan is s.chan, early=self.early.pop(r, None))
+        reply = request(self.peer, s.msg, s.expect, cfg=self.cfg, stop=self.stop, log=self.log,
+                        float_dtype=self.float_dtype, knows=s.knows, on_other=self._keep,
+                        sent=self.peer.chan is s.chan, early=self.early.pop(r, None))
+        self.answered = s
+        return reply
+
+    def follow(self, msg: Message, expect: set[MsgType]) -> None:
+        """Send the next leg of the round :meth:`wait` just answered (checked as its first leg
+        was), to be awaited by ``wait(msg.round)`` in turn."""
+        first = self.answered
+        if first is None or first.msg.round != msg.round:
+            raise ValueError(f"round {msg.round} has no answered first leg to follow")
+        self.send(msg, expect, first.knows)
 
     def _keep(self, got: Message) -> None:
         s = self.sent.get(got.round)
@@ -450,3 +464,4 @@ class Pipeline:
         """Forget every request in flight (the caller sends them again, or never)."""
         self.sent.clear()
         self.early.clear()
+        self.answered = None

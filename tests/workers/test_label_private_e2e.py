@@ -8,13 +8,21 @@ What is pinned:
 - privacy: no client's target token ids (any 8 consecutive ones, as an int or float array of
   any wire dtype, or as integers in the msgpack header) reach the server in a label-private
   run, and they do in a standard run (so the check can fail);
+- with ``--client-tail-layers 1`` (the clients keep the last decoder layer) the pipeline
+  reproduces the in-process trainer bit for bit too (slow);
 - a label-private client killed with SIGKILL and restarted resumes, and the run ends with
-  the adapters of an undisturbed run (slow).
+  the adapters of an undisturbed run (slow);
+- a straggler between its two exchanges (its HEAD_GRAD of one round never reaches the
+  server) is given up after ``--straggler-timeout-s``: the round closes with the other
+  client alone (and the next few, until the straggler hears of it), the straggler
+  continues where the server is, the run finishes (slow).
 """
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
+from typing import Callable
 
 import msgpack
 import numpy as np
@@ -26,6 +34,7 @@ from conftest import assert_same_adapters, e2e_config
 from lesft import lora, wire
 from lesft.batching import encode_all
 from lesft.config import build_config
+from lesft.metrics import read_jsonl
 from lesft.models import source_for
 from lesft.runs import GLOBAL_CLIENT_FILE, SERVER_FILE
 from lesft.trainer import client_shards, train_inprocess
@@ -36,6 +45,7 @@ pytestmark = pytest.mark.e2e
 
 LAUNCH_TIMEOUT_S = 420
 WINDOW = 8  # label ids in a row that count as "the target appears"
+STRAGGLER_ROUNDS = 32  # the straggler test's: enough for the left-out client to come back
 
 
 def make_config(root: Path, run_id: str, method: str = "lesft", label_private: bool = True, **over):
@@ -47,11 +57,12 @@ def make_config(root: Path, run_id: str, method: str = "lesft", label_private: b
 
 class RecordingBroker(threading.Thread):
     """The broker's routing (clients' ROUTER <-> the server's ROUTER, requests addressed to the
-    server's routing id), keeping a copy of every message body that goes to the server."""
+    server's routing id), keeping a copy of every message body that goes to the server; one
+    for which ``drop(header)`` is true (a lossy link) is kept but not passed on."""
 
-    def __init__(self, frontend: str, backend: str) -> None:
+    def __init__(self, frontend: str, backend: str, drop: Callable[[dict], bool] | None = None) -> None:
         super().__init__(daemon=True)
-        self.frontend, self.backend = frontend, backend
+        self.frontend, self.backend, self.drop = frontend, backend, drop
         self.to_server: list[list[bytes]] = []
         self.done = threading.Event()
 
@@ -68,7 +79,10 @@ class RecordingBroker(threading.Thread):
                 events = dict(poller.poll(100))
                 if front in events:
                     frames = front.recv_multipart()
-                    self.to_server.append(wire.split_envelope(frames)[1])
+                    body = wire.split_envelope(frames)[1]
+                    self.to_server.append(body)
+                    if self.drop is not None and self.drop(msgpack.unpackb(body[0], raw=False)):
+                        continue
                     back.send_multipart([SERVER_ROUTING_ID, *frames])
                 if back in events:
                     frames = back.recv_multipart()
@@ -79,11 +93,11 @@ class RecordingBroker(threading.Thread):
             back.close(linger=0)
 
 
-def launch_recorded(cfg, monkeypatch, **kw):
+def launch_recorded(cfg, monkeypatch, drop: Callable[[dict], bool] | None = None, **kw):
     """Launch ``cfg`` without its broker, behind a :class:`RecordingBroker`; returns (result, bodies)."""
     addresses = launcher.local_addresses("tcp")
     monkeypatch.setattr(launcher, "local_addresses", lambda *a, **k: addresses)
-    broker = RecordingBroker(addresses["broker_frontend"], addresses["broker_backend"])
+    broker = RecordingBroker(addresses["broker_frontend"], addresses["broker_backend"], drop)
     broker.start()
     try:
         roles = [r for r in launcher.roles_for(cfg) if r[0] != "broker"]
@@ -139,6 +153,14 @@ def leaked(bodies: list[list[bytes]], windows: set[tuple[int, ...]]) -> int:
     return count
 
 
+def assert_same_adapter_files(run_dir: Path, expected_dir: Path) -> None:
+    """The server's and the global client adapters of two runs are equal bit for bit."""
+    for name in (SERVER_FILE, GLOBAL_CLIENT_FILE):
+        got, want = lora.load_adapters(run_dir / name), lora.load_adapters(expected_dir / name)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
 # --------------------------------------------------------------------------- shared runs
 
 
@@ -178,10 +200,7 @@ def test_label_private_pipeline_reproduces_the_inprocess_trainer(root, recorded,
 
     # Assert
     assert all(code == 0 for code in result.returncodes.values()), result.returncodes
-    for name in (SERVER_FILE, GLOBAL_CLIENT_FILE):
-        got, want = lora.load_adapters(result.run_dir / name), lora.load_adapters(expected.run_dir / name)
-        assert got.keys() == want.keys()
-        assert all(torch.equal(got[k], want[k]) for k in want), name
+    assert_same_adapter_files(result.run_dir, expected.run_dir)
     for name in ("server-0", "client-0", "client-1"):  # no message of the new exchange was refused
         assert not any(k.startswith("rejected") for k in result.summary["workers"][name].get("counters", {})), name
 
@@ -198,6 +217,21 @@ def test_the_server_never_receives_label_ids_in_a_label_private_run(recorded):
     kinds = {msgpack.unpackb(b[0], raw=False)["t"] for b in private_bodies}
     assert {"forward", "head_grad"} <= kinds
     assert leaked(private_bodies, windows) == 0
+
+
+@pytest.mark.slow
+def test_a_pipeline_whose_clients_keep_the_last_layer_reproduces_the_inprocess_trainer(tmp_path):
+    # Execute: the clients keep the last decoder layer too (and run two rounds in flight)
+    result = launcher.launch(make_config(tmp_path, "tail", client_tail_layers=1, pipeline_depth=2),
+                             timeout_s=LAUNCH_TIMEOUT_S)
+    expected = train_inprocess(make_config(tmp_path, "tail-inprocess", client_tail_layers=1))
+
+    # Assert: the server trained no adapter of the last layer; every adapter is the trainer's
+    assert all(code == 0 for code in result.returncodes.values()), result.returncodes
+    last = source_for(make_config(tmp_path, "x")).n_layers - 1
+    assert not any(k.startswith(f"layers.{last}.") for k in lora.load_adapters(result.run_dir / SERVER_FILE))
+    assert any(k.startswith(f"layers.{last}.") for k in lora.load_adapters(result.run_dir / GLOBAL_CLIENT_FILE))
+    assert_same_adapter_files(result.run_dir, expected.run_dir)
 
 
 @pytest.mark.slow
@@ -220,3 +254,40 @@ def test_a_killed_label_private_client_resumes_and_the_run_ends_as_undisturbed(t
     # Assert
     assert all(c == 0 for n, c in codes.items() if n != "broker-0"), codes  # the broker runs until stopped
     assert_same_adapters(run.run_dir, cfg.data.clients, ref)
+
+
+@pytest.mark.slow
+def test_a_client_whose_head_grad_never_comes_is_left_out_and_the_run_finishes(tmp_path, monkeypatch):
+    # Prepare: client 1's HEAD_GRADs of round 2 are lost on the way (it got its HIDDEN) until the
+    # round has closed without them (client 0, lock-step, then sends its FORWARD of round 3).
+    # One aggregation, at the end: a client that missed one waits for the aggregator's own
+    # straggler timeout, and would come back late again; client 1 hears of the round's end at
+    # its next heartbeat, while client 0 runs on alone at a few rounds a second
+    cfg = make_config(tmp_path, "straggler", rounds=STRAGGLER_ROUNDS, aggregate_every=STRAGGLER_ROUNDS,
+                      straggler_timeout_s=3, min_clients=1, request_timeout_s=8, heartbeat_s=1)
+    closed = threading.Event()
+
+    def lost(header: dict) -> bool:
+        if (header["t"], header["id"], header["r"]) == ("forward", 0, 3):
+            closed.set()
+        return (header["t"], header["id"], header["r"]) == ("head_grad", 1, 2) and not closed.is_set()
+
+    # Execute
+    result, _ = launch_recorded(cfg, monkeypatch, drop=lost)
+
+    # Assert: client 1 is missing from round 2 and at most the next few (client 0 runs on alone
+    # until client 1 hears of it), back by the end; every round closed once, none failed
+    assert all(code == 0 for code in result.returncodes.values()), result.returncodes
+    rounds = [r for r in read_jsonl(result.run_dir / "server-0.jsonl") if r.get("event") == "round"]
+    summary = [(r["round"], r["clients"], r["failed"]) for r in rounds]
+    assert [r["round"] for r in rounds] == list(range(STRAGGLER_ROUNDS)), summary
+    assert not any(r["failed"] for r in rounds), summary
+    alone = [r["round"] for r in rounds if r["clients"] == [0]]
+    assert alone and alone == list(range(2, 2 + len(alone))) and rounds[-1]["clients"] == [0, 1], summary
+    logs = result.run_dir / "logs"
+    assert "round 2: no dL/dH from client 1 in time: going on without it" in (logs / "server-0.log").read_text()
+    # a HEAD_GRAD is awaited the full timeout from its HIDDEN, even in a round overdue already
+    assert "sending the round again" not in (logs / "client-0.log").read_text()
+    client_log = (logs / "client-1.log").read_text()
+    assert re.search(rf"left out of round\(s\) 2\.\.{alone[-1]} \(straggler timeout\): continuing at round "
+                     rf"{alone[-1] + 1}", client_log), client_log[-2000:]

@@ -3,16 +3,20 @@
 What is pinned:
 - a run with one client at depth 2 and one at depth 4 reproduces the in-process trainer
   bit for bit (which the depth-1 run does too, ``test_methods_e2e.py``), for ``lesft``,
-  ``splitlora`` and ``splitfrozen`` (forwards only): the clients really send rounds
-  ahead, yet every accumulation window drains before the step, and nothing is sent twice;
+  ``splitlora`` and ``splitfrozen`` (forwards only), and label-private (``lesft``,
+  ``splitlora``: two exchanges a round, the next rounds' FORWARDs in flight meanwhile): the
+  clients really send rounds ahead, yet every accumulation window drains before the step,
+  and nothing is sent twice; label-private over CurveZMQ too (slow);
 - (slow) a pipelined client SIGKILLed mid-window and restarted, then the server SIGKILLed
   mid-window and restarted with ``--resume``, end with the undisturbed run's adapters:
   the restarted client sends its rounds in flight again and the server answers the
-  repeats from its reply cache.
+  repeats from its reply cache; label-private too, where the resumed server has lost the
+  forwards it held for a HEAD_GRAD and the client sends that round again.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -30,11 +34,12 @@ pytestmark = pytest.mark.e2e
 ROUNDS = 8  # two accumulation windows of 4
 
 
-def make_config(root: Path, method: str, depth: int, run_id: str):
+def make_config(root: Path, method: str, depth: int, run_id: str, label_private: bool = False, keys_dir: str = ""):
     return build_config(cli=dict(model="arch:tiny-qwen2", method=method, runs_dir=str(root), run_id=run_id,
                                  rounds=ROUNDS, clients=2, samples_per_client=4, max_length=64, lr=1e-2,
                                  grad_accum=4, aggregate_every=4, microbatch_wait_ms=60000, device="cpu",
-                                 done_linger_s=0.5, pipeline_depth=depth),
+                                 done_linger_s=0.5, pipeline_depth=depth, label_private=label_private,
+                                 keys_dir=keys_dir),
                         env={})
 
 
@@ -45,12 +50,21 @@ def counter(record: dict, name: str) -> int:
 DEPTHS = {0: 2, 1: 4}  # client -> its --pipeline-depth (the server takes 4): both depths in one run
 
 
-@pytest.mark.parametrize("method", ["lesft", pytest.param("splitlora", marks=pytest.mark.slow),  # make test-slow
-                                    pytest.param("splitfrozen", marks=pytest.mark.slow)])
-def test_pipelined_run_reproduces_the_inprocess_trainer(tmp_path, method, live_run):
+@pytest.mark.parametrize("method, label_private, curve", [
+    ("lesft", False, False), pytest.param("splitlora", False, False, marks=pytest.mark.slow),  # make test-slow
+    pytest.param("splitfrozen", False, False, marks=pytest.mark.slow),
+    ("lesft", True, False), pytest.param("splitlora", True, False, marks=pytest.mark.slow),  # two legs a round
+    pytest.param("lesft", True, True, marks=pytest.mark.slow)])  # ... over CurveZMQ
+def test_pipelined_run_reproduces_the_inprocess_trainer(tmp_path, method, label_private, curve, live_run):
     # Prepare
-    expected = train_inprocess(make_config(tmp_path, method, 1, "inprocess"))
-    run = live_run(make_config(tmp_path, method, 4, "pipelined"), start=False)
+    keys = ""
+    if curve:
+        from lesft.cli.keys import generate_keys
+
+        generate_keys(tmp_path / "keys", 2)
+        keys = str(tmp_path / "keys")
+    expected = train_inprocess(make_config(tmp_path, method, 1, "inprocess", label_private))
+    run = live_run(make_config(tmp_path, method, 4, "pipelined", label_private, keys), start=False)
     for role, wid in roles_for(run.cfg):
         run.start(role, wid, ["--pipeline-depth", str(DEPTHS[wid])] if role == "client" else [])
 
@@ -77,9 +91,11 @@ def test_pipelined_run_reproduces_the_inprocess_trainer(tmp_path, method, live_r
 
 
 @pytest.mark.slow
-def test_pipelined_client_and_server_killed_mid_window_give_the_same_adapters(tmp_path, reference_adapters):
+@pytest.mark.parametrize("label_private", [False, True], ids=["standard", "label-private"])
+def test_pipelined_client_and_server_killed_mid_window_give_the_same_adapters(tmp_path, reference_adapters,
+                                                                                label_private):
     # Prepare: windows of 4 rounds, all 4 in flight
-    cfg = e2e_config(tmp_path, rounds=16, pipeline_depth=4)
+    cfg = e2e_config(tmp_path, rounds=16, pipeline_depth=4, label_private=label_private)
     ref = reference_adapters(cfg.replace(pipeline_depth=1))
     run = LiveRun(cfg).start_all()
     try:
@@ -112,3 +128,11 @@ def test_pipelined_client_and_server_killed_mid_window_give_the_same_adapters(tm
     assert_same_adapters(run.run_dir, 2, ref, atol=1e-5)  # the tolerance of test_reliability_e2e.py
     assert "client 1 registered again" in run.log("server-0")
     assert counter(run.final("client-1"), "forwards_ahead") > 0
+    # label-private: a HEAD_GRAD the resumed server holds no forward for resends its round, in
+    # one line, never as a straggler's
+    for i in range(2):
+        log = run.log(f"client-{i}")
+        assert "left out of round" not in log, log[-2000:]
+        resent = re.findall(r"round (\d+): the server holds no forward of round \1: it restarted since it sent the "
+                            r"hidden states; sending the round again", log)
+        assert len(resent) == counter(run.final(f"client-{i}"), "rounds_resent") and (label_private or not resent)

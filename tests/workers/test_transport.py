@@ -87,3 +87,32 @@ def test_a_kept_reply_that_fails_its_own_check_ends_the_wait_with_one_line(pair)
     assert pipe.wait(0).round == 0
     with pytest.raises(WorkerError, match=r"unusable answer to .* of round 1 \(bad_shape"):
         pipe.wait(1)
+
+
+def test_a_second_leg_is_checked_as_its_round_was_while_later_rounds_stay_in_flight(pair):
+    # Prepare: rounds 0 and 1 in flight; round 0's first leg answered
+    pipe, far, peer = pair
+    for r in range(2):
+        pipe.send(wire.fetch(CLIENT, r, 10 + r), {MsgType.BACKWARD}, wire.Knows(grad_shape=shape(r)))
+    requests = [receive(far) for _ in range(2)]
+    envelope, first = requests[0]
+    far.send(wire.backward(SERVER, 0, first.seq, loss_sum=0.0, valid_rows=1, grad=torch.zeros(shape(0))), envelope)
+    assert pipe.wait(0).seq == first.seq
+    with pytest.raises(ValueError, match="round 1 has no answered first leg"):
+        pipe.follow(wire.fetch(CLIENT, 1, 30), {MsgType.BACKWARD})
+
+    # Execute: round 0's second leg out; round 1 answered before it, then the second leg with
+    # round 1's shape (fine for round 1, not for round 0)
+    pipe.follow(wire.fetch(CLIENT, 0, 20), {MsgType.BACKWARD})
+    envelope, second = receive(far)
+    later_envelope, later = requests[1]
+    far.send(wire.backward(SERVER, 1, later.seq, loss_sum=1.0, valid_rows=1, grad=torch.ones(shape(1))),
+             later_envelope)
+    far.send(wire.backward(SERVER, 0, second.seq, loss_sum=0.0, valid_rows=1, grad=torch.zeros(shape(1))), envelope)
+
+    # Assert: the second leg went out once, under its own seq, and its answer is checked as round 0's
+    assert (second.round, second.seq) == (0, 20)
+    with pytest.raises(WorkerError, match=r"unusable answer to .* of round 0 \(bad_shape"):
+        pipe.wait(0)
+    assert pipe.wait(1).meta["loss_sum"] == 1.0  # kept for its turn
+    assert peer.meter.snapshot()["msgs_sent"].get("fetch") == 3
