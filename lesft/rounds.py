@@ -148,7 +148,8 @@ class Joined:
 @dataclass
 class Round:
     number: int
-    opened: float = 0.0  # when its straggler clock started
+    opened: float = 0.0  # when it opened (the previous round closed)
+    first_seen: float = math.inf  # when its first request or result arrived
     requests: dict[int, Request] = field(default_factory=dict)  # waiting to run
     running: dict[int, Request] = field(default_factory=dict)  # handed out by ready(), no result yet
     results: dict[int, Result] = field(default_factory=dict)  # replies held until the round closes
@@ -156,6 +157,13 @@ class Round:
     @property
     def idle(self) -> bool:
         return not (self.requests or self.running or self.results)
+
+    def waited(self, now: float) -> float:
+        """How long it has waited for its stragglers: from when it was both open and had a
+        first request or result. A round opened while every client was busy elsewhere (the
+        aggregation before it, a slow server) has no straggler yet: the clients that come
+        together after that wait are all on time."""
+        return now - max(self.opened, self.first_seen)
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,7 @@ class Rounds:
         if c in rnd.requests:
             self.count("repeated_requests", 1)
         rnd.requests[c] = req
+        rnd.first_seen = min(rnd.first_seen, req.arrived)
         self.dropped.discard(c)
         return None
 
@@ -349,7 +358,7 @@ class Rounds:
         waiting = self.required() - set(rnd.results) - set(rnd.running)
         first = max(rnd.opened, min(q.arrived for q in rnd.requests.values()))
         if not (set(rnd.requests) >= waiting or now - first >= self.batch_wait_s
-                or self.policy.overdue(now - rnd.opened)):
+                or self.policy.overdue(rnd.waited(now))):
             return []
         batch = [rnd.requests.pop(c) for c in sorted(rnd.requests)]
         for q in batch:
@@ -382,7 +391,9 @@ class Rounds:
             return False
         if r in self.failed:
             raise Refused(STALE_ROUND, self.failed[r])
-        self.open.setdefault(r, Round(r, opened=now)).results[client] = Result(value)
+        rnd = self.open.setdefault(r, Round(r, opened=now))
+        rnd.first_seen = min(rnd.first_seen, now)
+        rnd.results[client] = Result(value)
         return True
 
     def verdict(self, now: float) -> Verdict | None:
@@ -394,7 +405,7 @@ class Rounds:
             if rnd is None or rnd.requests or rnd.running:
                 continue
             missing = self.required() - set(rnd.results)
-            waited = now - rnd.opened
+            waited = rnd.waited(now)
             decision = self.policy.decide(len(rnd.results), waited) if missing else Decision.ACCEPT
             if decision is not Decision.WAIT:
                 return Verdict(rnd.number, {c: res.value for c, res in rnd.results.items()},

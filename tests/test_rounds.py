@@ -197,16 +197,16 @@ def test_a_repeat_in_progress_runs_once_and_is_answered_on_its_newest_copy():
 
 def test_a_straggler_is_left_out_after_the_deadline_and_catches_up():
     rounds = server(timeout=3.0, min_clients=1)
-    ask(rounds, 0, 0, 1, 0.5)
+    ask(rounds, 0, 0, 1, 0.5)  # the round's straggler clock starts here
     assert run(rounds, 2.5) == [0]
-    assert rounds.verdict(3.0) is None  # not past the deadline yet
-    verdict, sends = close(rounds, 3.1)
+    assert rounds.verdict(3.5) is None  # not past the deadline yet
+    verdict, sends = close(rounds, 3.6)
     assert verdict.accepted and verdict.failures == (1,) and verdict.waited == pytest.approx(3.1)
     assert [s.client for s in sends] == [0] and rounds.counts["stragglers_dropped"] == 1
     # the next round does not wait for it
-    ask(rounds, 0, 1, 2, 3.2)
-    assert run(rounds, 3.2) == [0]
-    verdict, _ = close(rounds, 3.2)
+    ask(rounds, 0, 1, 2, 3.7)
+    assert run(rounds, 3.7) == [0]
+    verdict, _ = close(rounds, 3.7)
     assert verdict.failures == () and list(verdict.results) == [0]
     # it comes back: its old round is over, so it continues at the server's round
     with pytest.raises(Refused) as e:
@@ -219,8 +219,26 @@ def test_a_straggler_is_left_out_after_the_deadline_and_catches_up():
 
 def test_a_straggler_round_runs_at_once_without_waiting_for_a_fuller_microbatch():
     rounds = server(timeout=3.0, min_clients=1, batch_wait=10.0)
-    ask(rounds, 0, 0, 1, 3.5)
-    assert run(rounds, 3.5) == [0]
+    ask(rounds, 0, 0, 1, 0.5)
+    assert run(rounds, 3.0) == []  # neither overdue nor past the batch wait
+    assert run(rounds, 3.6) == [0]  # overdue: the rest of the batch wait is not waited
+
+
+def test_a_round_opened_while_every_client_was_away_has_no_straggler_until_one_comes():
+    # Prepare: round 1 opens at 1.0; the clients are elsewhere (an aggregation) until 10.0
+    rounds = server(timeout=3.0, min_clients=1)
+    serve_round(rounds, 0, 1.0)
+
+    # Act: client 0 comes back first, client 1 half a second later
+    ask(rounds, 0, 1, 20, 10.0)
+    first = run(rounds, 10.0)
+    ask(rounds, 1, 1, 21, 10.5)
+
+    # Assert: the round waited for client 1 and closes with both
+    assert first == [] and run(rounds, 10.5) == [0, 1]
+    verdict, sends = close(rounds, 10.5)
+    assert verdict.failures == () and [s.client for s in sends] == [0, 1]
+    assert rounds.counts["stragglers_dropped"] == 0
 
 
 def test_below_min_clients_a_round_waits_then_fails_and_still_answers():
@@ -497,8 +515,11 @@ def test_a_running_request_is_given_up_once_it_has_run_past_the_timeout_and_the_
 
 
 def test_a_request_that_starts_running_in_an_overdue_round_gets_its_full_time():
-    # Prepare: round 0 open since 0.0; client 0 sends only at 5.0, when the round is overdue
-    rounds = server(expected=2, timeout=3.0, min_clients=1)
+    # Prepare: client 1's request of round 0 ran at 0.0 (and min_clients 2 keeps the round
+    # open without client 0); client 0 sends only at 5.0, when the round is overdue
+    rounds = server(expected=2, timeout=3.0, min_clients=2)
+    ask(rounds, 1, 0, 4, 0.0)
+    assert run(rounds, 2.0) == [1] and rounds.verdict(5.0) is None
     ask(rounds, 0, 0, 5, 5.0)
     assert [q.client for q in rounds.ready(5.0)] == [0]
 

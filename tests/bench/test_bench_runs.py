@@ -98,6 +98,7 @@ def test_sweep_rejects_unknown_param(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # an in-process and a multi-process run (make test-slow); make demo runs `lesft summary`
 def test_pipeline_bench_and_summary(tmp_path):
     invoke("bench", "pipeline", *TINY, "--warmup", "1", "--link-latency-ms", "1", "--out", str(tmp_path),
            "--runs-dir", str(tmp_path))
