@@ -123,8 +123,9 @@ class Held:
         held.received[i] = grad
         if len(held.received) < len(held.parts):
             return None
-        for key in held.keys:
-            del self._at[key]
+        for key in held.keys:  # a part given up and sent again since is a newer microbatch's: kept
+            if self._at[key][0] is held:
+                del self._at[key]
         return held, [held.received[j] for j in range(len(held.parts))]
 
 

@@ -153,6 +153,7 @@ class Round:
     requests: dict[int, Request] = field(default_factory=dict)  # waiting to run
     running: dict[int, Request] = field(default_factory=dict)  # handed out by ready(), no result yet
     results: dict[int, Result] = field(default_factory=dict)  # replies held until the round closes
+    abandoned: set[int] = field(default_factory=set)  # clients whose running request abandon() gave up
 
     @property
     def idle(self) -> bool:
@@ -423,7 +424,14 @@ class Rounds:
         gone = sorted(c for c in clients if c in rnd.running and self.policy.overdue(now - rnd.running[c].started))
         for c in gone:
             del rnd.running[c]
+        rnd.abandoned.update(gone)
         return gone
+
+    def abandoned(self, client: int, r: int) -> bool:
+        """Whether :meth:`abandon` gave up (client, round) in r, still open (once it closes, the
+        round went on without the client: a later request of it is refused as over)."""
+        rnd = self.open.get(r)
+        return rnd is not None and client in rnd.abandoned
 
     def check_outcome(self, r: int) -> None:
         """Refuse a question about the outcome of round r (-1: the latest) that has none yet,

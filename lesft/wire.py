@@ -125,11 +125,15 @@ class ErrorCode(str, enum.Enum):
 
 
 class WireError(Exception):
-    """A typed protocol error; `str(e)` is one line: ``"<code>: <text>"``."""
+    """A typed protocol error; `str(e)` is one line: ``"<code>: <text>"``. ``meta``: what
+    goes with it on the wire (e.g. ``server_round`` of a STALE_ROUND); ``msg``: the refused
+    message without its tensors, where :func:`decode`'s ``admit`` refused it."""
 
-    def __init__(self, code: ErrorCode, text: str):
+    def __init__(self, code: ErrorCode, text: str, meta: dict | None = None):
         self.code = ErrorCode(code)
         self.text = " ".join(str(text).split())
+        self.meta = dict(meta or {})
+        self.msg: Message | None = None
         super().__init__(f"{self.code.value}: {self.text}")
 
 
@@ -560,15 +564,14 @@ def error(origin: Origin, code: ErrorCode, text: str, round: int = -1, seq: int 
 
 
 def raise_if_error(msg: Message) -> None:
-    """Raise the `WireError` an ERROR message carries (its meta as ``e.meta``); do nothing for other types."""
+    """Raise the `WireError` an ERROR message carries (what goes with its code and text as
+    ``e.meta``); do nothing for other types."""
     if msg.type != MsgType.ERROR:
         return
     code, text = msg.meta.get("code"), msg.meta.get("text", "")
     if code not in ErrorCode._value2member_map_:
         code, text = ErrorCode.INTERNAL, f"peer sent unknown error code {code!r}: {text}"
-    err = WireError(ErrorCode(code), str(text))
-    err.meta = msg.meta
-    raise err
+    raise WireError(ErrorCode(code), str(text), {k: v for k, v in msg.meta.items() if k not in ("code", "text")})
 
 
 # ---------------------------------------------------------------- per-type schema checks

@@ -112,6 +112,21 @@ def test_held_forwards_wait_for_every_gradient_or_a_give_up():
     assert not book.waiting(0, 7) and book.hidden(0, 7) is None
 
 
+def test_a_part_given_up_and_sent_again_is_not_forgotten_with_its_old_microbatch():
+    def forward(*widths):
+        return private.HeldForward([_rows(1, w) for w in widths], [], [(torch.zeros(1, w, 4), None) for w in widths],
+                                   True)
+
+    old, new = forward(2, 2), forward(3)
+    book = private.Held()
+    book.add(old, [(0, 7), (1, 7)])
+    assert book.give(1, 7, None) is None  # client 1 given up while client 0's dL/dH is still awaited
+    book.add(new, [(1, 7)])  # client 1 sent round 7 again: a microbatch of its own
+    assert book.give(0, 7, torch.ones(1, 2, 4))[0] is old
+    assert book.waiting(1, 7) and book.hidden(1, 7)[0].shape == (1, 3, 4)
+    assert book.give(1, 7, torch.ones(1, 3, 4))[0] is new
+
+
 # --------------------------------------------------------------------------- client tail layers
 
 

@@ -514,6 +514,23 @@ def test_a_running_request_is_given_up_once_it_has_run_past_the_timeout_and_the_
     assert rounds.abandon(10.0, [0]) == []
 
 
+def test_the_engine_remembers_whom_it_gave_up_until_the_round_closes():
+    rounds = server(expected=2, timeout=3.0, min_clients=1)
+    for c in range(2):
+        ask(rounds, c, 0, 5 + c, 0.0)
+    rounds.ready(0.0)
+    assert not rounds.abandoned(1, 0)
+    assert rounds.abandon(3.5, [1]) == [1]
+    assert rounds.abandoned(1, 0) and not rounds.abandoned(0, 0) and not rounds.abandoned(1, 1)
+    ask(rounds, 1, 0, 9, 3.6)  # it sends the round again: still the one given up, until the round closes
+    assert rounds.abandoned(1, 0)
+    rounds.result(0, 0, "reply 0/0", 3.7)
+    assert [q.client for q in rounds.ready(3.7)] == [1]
+    rounds.result(1, 0, "reply 1/0", 3.8)
+    close(rounds, 3.8)
+    assert not rounds.abandoned(1, 0) and rounds.current == 1
+
+
 def test_a_request_that_starts_running_in_an_overdue_round_gets_its_full_time():
     # Prepare: client 1's request of round 0 ran at 0.0 (and min_clients 2 keeps the round
     # open without client 0); client 0 sends only at 5.0, when the round is overdue

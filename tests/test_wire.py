@@ -213,7 +213,11 @@ def test_error_message_roundtrip_and_raise():
     out = roundtrip(msg)
     assert out.type == MsgType.ERROR and out.meta == {"code": "bad_shape", "text": "act wrong"}
     e = rejects(ErrorCode.BAD_SHAPE, raise_if_error, out)
-    assert e.text == "act wrong" and str(e) == "bad_shape: act wrong"
+    assert e.text == "act wrong" and str(e) == "bad_shape: act wrong" and e.meta == {}
+    stale = roundtrip(error(wire.Origin("server", -1), ErrorCode.STALE_ROUND, "over", 3, 4, server_round=5))
+    e = rejects(ErrorCode.STALE_ROUND, raise_if_error, stale)
+    assert e.meta == {"server_round": 5}  # what came with the code and text, ready to pass on to error()
+    assert error(wire.Origin("server", -1), e.code, e.text, **e.meta).meta == stale.meta
     raise_if_error(forward_msg())  # not an error: no raise
     rejects(ErrorCode.INTERNAL, raise_if_error, Message(MsgType.ERROR, "server", -1,
                                                         meta={"code": "nope", "text": "x"}))

@@ -97,7 +97,7 @@ class Client(Worker):
                 except WireError as e:
                     if e.code != ErrorCode.STALE_ROUND:
                         raise
-                    r = self.catch_up(r, int(getattr(e, "meta", {}).get("server_round", r + 1)), rounds)
+                    r = self.catch_up(r, int(e.meta.get("server_round", r + 1)), rounds)
                     continue
                 if is_step_round(r, rounds, self.cfg.train.grad_accum):
                     self.party.step()
@@ -268,7 +268,7 @@ class Client(Worker):
         its FORWARD (the same rows: nothing of it reached this client's gradients yet), with the
         server's reason in one line. A round that went on without this client (a straggler)
         re-raises, for :meth:`catch_up`."""
-        if e.code != ErrorCode.STALE_ROUND or int(getattr(e, "meta", {}).get("server_round", r + 1)) > r:
+        if e.code != ErrorCode.STALE_ROUND or int(e.meta.get("server_round", r + 1)) > r:
             raise e
         self.log.warning("round %d: %s; sending the round again", r, e.text)
         self.meter.count("rounds_resent")

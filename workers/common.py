@@ -28,9 +28,7 @@ def as_wire_error(e: WireError | Refused) -> WireError:
     """A refusal of the round engine (:mod:`lesft.rounds`) as the wire error the peer gets."""
     if isinstance(e, WireError):
         return e
-    err = WireError(ErrorCode(e.code), e.text)
-    err.meta = dict(e.meta)
-    return err
+    return WireError(ErrorCode(e.code), e.text, e.meta)
 
 
 def reply_error(chan: Channel, inbound: Inbound, err: WireError, origin: wire.Origin, log: logging.Logger) -> None:
@@ -41,7 +39,7 @@ def reply_error(chan: Channel, inbound: Inbound, err: WireError, origin: wire.Or
                 f"{msg.role}-{msg.sender}" if msg else "unknown peer", err)
     if inbound.envelope or not chan.routed:
         reply = wire.error(origin, err.code, err.text, msg.round if msg else -1, msg.seq if msg else 0,
-                           **getattr(err, "meta", {}))
+                           **err.meta)
         try:
             chan.send(reply, inbound.envelope)
         except zmq.ZMQError:

@@ -46,7 +46,6 @@ class Server(Worker):
         self.knows = wire.Knows(model=limits, reference=sends_reference(self.method, cfg),
                                 private=cfg.model.label_private)
         self.held = private.Held()  # label-private microbatches waiting for their dL/dH
-        self.gave_up: set[tuple[int, int]] = set()  # label-private: (client, round) whose dL/dH came too late
         self.expected = cfg.data.clients
         self.rounds = Rounds(Policy.from_config(cfg), functools.partial(total_rounds, cfg),
                              depth=cfg.train.pipeline_depth, batch_wait_s=cfg.net.microbatch_wait_ms / 1000,
@@ -200,7 +199,7 @@ class Server(Worker):
 
     def why_not_held(self, client: int, r: int) -> str:
         """Why a HEAD_GRAD finds no forward here, in the client's words."""
-        if (client, r) in self.gave_up:
+        if self.rounds.abandoned(client, r):
             return "it gave up waiting for this client's dL/dH (--straggler-timeout-s)"
         if r < self.rounds.current:
             return "the round went on without this client"
@@ -229,7 +228,6 @@ class Server(Worker):
         r = self.rounds.current
         for client in self.rounds.abandon(now, self.held.missing(r)):  # label-private: its dL/dH never came
             self.log.warning("round %d: no dL/dH from client %d in time: going on without it", r, client)
-            self.gave_up.add((client, r))
             if (ready := self.held.give(client, r, None)) is not None:
                 self.finish_private(*ready)
         if batch := self.rounds.ready(now):
@@ -286,7 +284,6 @@ class Server(Worker):
         self.log.info("round %d/%d loss %.4f (%d client%s, %d microbatch%s)%s", r + 1, total, record["loss"], n,
                       "" if n == 1 else "s", mb, "es" if mb > 1 else "", " step" if stepped else "")
         self.rounds.close(verdict, time.monotonic())
-        self.gave_up = {(c, n) for c, n in self.gave_up if n > r}  # a later HEAD_GRAD of r is stale anyway
         every = self.cfg.net.checkpoint_every
         if (every and self.rounds.current % every == 0) or not self.rounds.serving:
             self.save_checkpoint()

@@ -189,7 +189,7 @@ class Channel:
         except WireError as e:
             self.meter.received(self.prefix + "invalid", n)
             self.meter.count(f"rejected.{e.code.value}")
-            return Inbound(envelope if self.routed else [], getattr(e, "msg", None), e, n)
+            return Inbound(envelope if self.routed else [], e.msg, e, n)
         self.meter.received(self.prefix + msg.type.value, n - frames_bytes(envelope))
         return Inbound(envelope, msg, None, n, admitted=self.admit is not None)
 
