@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from bench.experiments import VARIANTS
+from bench.stats import method_stats
 from lesft.config import Config
 
 _DESCRIBE = {
@@ -22,6 +23,13 @@ _DESCRIBE = {
     "lesft": "eq. 16-17 (the paper's dual-path token weights), the default",
     **{k: v[2] for k, v in VARIANTS.items()},
 }
+
+# pairs of methods compared with each other, not only with the baseline: what each control tells
+_CONTRASTS = (
+    ("kd", "smooth", "kd against its label-smoothing control (same lambda), which tells the teacher's "
+                     "information from plain smoothing"),
+    ("kd", "kd-base", "the live teacher (the adapters being trained) against the frozen base model"),
+)
 
 
 def _command() -> str:
@@ -109,6 +117,7 @@ def render(out_dir: Path, rows: Sequence[Mapping], stats_by_dataset: Mapping[str
                 helps = {True: "helps", False: "hurts", None: "does not measurably help"}[st["beats_baseline"]]
                 lines.append(f"- {what} {helps} against plain SFT here: {_pct(st['diff'], True)} points "
                              f"[{_pct(st['diff_low'], True)}, {_pct(st['diff_high'], True)}].")
+        lines += _contrast_lines(mine, seeds)
         lines.append("")
     if missing:
         lines += ["## Cells still missing", "",
@@ -118,6 +127,24 @@ def render(out_dir: Path, rows: Sequence[Mapping], stats_by_dataset: Mapping[str
     else:
         lines += ["Every cell of the grid is finished.", ""]
     return "\n".join(lines)
+
+
+def _contrast_lines(rows: Sequence[Mapping], seeds: Sequence) -> list[str]:
+    """One line per :data:`_CONTRASTS` pair that both have cells for: the paired difference
+    over the seeds both finished, with its interval and which side of 0 it lies on."""
+    def finished(method: str) -> set:
+        return {r.get("seed") for r in rows if r.get("method") == method and r.get("per_question") is not None}
+
+    lines = []
+    for a, b, what in _CONTRASTS:
+        common = [x for x in seeds if x in finished(a) and x in finished(b)]
+        if not common:
+            continue
+        st = method_stats(rows, [a], common, baseline=b)[0]
+        side = {True: "above 0", False: "below 0", None: "contains 0"}[st.beats_baseline]
+        lines.append(f"- {what}: {a} - {b} = {_pct(st.diff, True)} points [{_pct(st.diff_low, True)}, "
+                     f"{_pct(st.diff_high, True)}], {side} (paired over seeds {', '.join(map(str, common))}).")
+    return lines
 
 
 def write_report(path: Path, out_dir: Path, rows, stats_by_dataset, **kwargs) -> Path:
