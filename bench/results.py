@@ -132,18 +132,14 @@ def render(out_dir: Path, rows: Sequence[Mapping], stats_by_dataset: Mapping[str
 def _contrast_lines(rows: Sequence[Mapping], seeds: Sequence) -> list[str]:
     """One line per :data:`_CONTRASTS` pair that both have cells for: the paired difference
     over the seeds both finished, with its interval and which side of 0 it lies on."""
-    def finished(method: str) -> set:
-        return {r.get("seed") for r in rows if r.get("method") == method and r.get("per_question") is not None}
-
     lines = []
     for a, b, what in _CONTRASTS:
-        common = [x for x in seeds if x in finished(a) and x in finished(b)]
-        if not common:
+        st = next(iter(method_stats(rows, [a], seeds, baseline=b)), None)
+        if st is None or st.diff is None:
             continue
-        st = method_stats(rows, [a], common, baseline=b)[0]
         side = {True: "above 0", False: "below 0", None: "contains 0"}[st.beats_baseline]
         lines.append(f"- {what}: {a} - {b} = {_pct(st.diff, True)} points [{_pct(st.diff_low, True)}, "
-                     f"{_pct(st.diff_high, True)}], {side} (paired over seeds {', '.join(map(str, common))}).")
+                     f"{_pct(st.diff_high, True)}], {side} (paired over seeds {', '.join(map(str, st.diff_seeds))}).")
     return lines
 
 

@@ -38,6 +38,7 @@ class MethodStats:
     diff_low: float | None = None
     diff_high: float | None = None
     diff_values: list[float] = field(default_factory=list)  # per seed
+    diff_seeds: list[int] = field(default_factory=list)  # the seeds it pairs over: those both finished
 
     @property
     def beats_baseline(self) -> bool | None:
@@ -133,5 +134,6 @@ def method_stats(rows: Sequence[Mapping], methods: Sequence[str], seeds: Sequenc
             if base_mat is not None and own is not None and base_mat.shape == own.shape:
                 st.diff, st.diff_low, st.diff_high = paired_bootstrap(own, base_mat, resamples=resamples)
                 st.diff_values = [float(a.mean() - b.mean()) for a, b in zip(own, base_mat)]
+                st.diff_seeds = common
         out.append(st)
     return out
